@@ -1,0 +1,98 @@
+"""Attention over a compressed layer: masks in absolute positions, GQA without repeating K/V, rotations.
+
+transformers builds its attention mask over absolute positions ``0..seen+q_len-1`` (the cache reports that
+size). A compressed layer holds only some of those positions, so the mask columns of the slots it holds are
+gathered; ragged padding slots are masked out. When nothing was evicted, attention is left to the model's
+own implementation with the original arguments, which keeps the uncompressed path bit-identical.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvpress.storage import AttentionView
+
+
+def allowed_slots(
+    attention_mask: torch.Tensor | None,
+    view: AttentionView,
+    q_start: int,
+    q_len: int,
+    last_n: int | None = None,
+) -> torch.Tensor | None:
+    """Which held slot each of the last ``last_n`` queries may attend to.
+
+    Args:
+        attention_mask: the model's mask over absolute positions, ``[batch|1, 1, q_len, seen+q_len]`` (bool,
+            or additive float where 0 means allowed), or ``None`` for plain causal attention.
+        view: the layer's attention view (positions ``[batch, kv_heads, seq]`` or ``None`` = ``0..seq-1``).
+        q_start: absolute position of the first query of this forward.
+        q_len: number of queries in this forward.
+        last_n: restrict to the last ``last_n`` queries (default: all).
+
+    Returns:
+        ``[batch, kv_heads, n, seq]`` bool, or ``None`` when every query may attend to every slot.
+    """
+    n = q_len if last_n is None else min(last_n, q_len)
+    batch, heads, seq = view.keys.shape[:3]
+    device = view.keys.device
+    if attention_mask is None:
+        if n == 1 and view.valid is None and q_len >= 1 and _all_in_past(view, q_start + q_len - 1, seq):
+            return None
+        positions = view.positions if view.positions is not None else torch.arange(seq, device=device).expand(batch, heads, seq)
+        q_abs = torch.arange(q_start + q_len - n, q_start + q_len, device=device)
+        allowed = positions.unsqueeze(2) <= q_abs.view(1, 1, n, 1)
+    else:
+        mask = attention_mask[..., -n:, :]
+        allowed_abs = mask if mask.dtype == torch.bool else mask == 0
+        allowed_abs = allowed_abs[:, 0].expand(batch, n, allowed_abs.shape[-1])  # [batch, n, positions]
+        if view.positions is None:
+            allowed = allowed_abs[..., :seq].unsqueeze(1).expand(batch, heads, n, seq)
+        else:
+            index = view.positions.unsqueeze(2).expand(batch, heads, n, seq)
+            allowed = allowed_abs.unsqueeze(1).expand(batch, heads, n, allowed_abs.shape[-1]).gather(-1, index)
+    if view.valid is not None:
+        allowed = allowed & view.valid.unsqueeze(2)
+    return allowed
+
+
+def _all_in_past(view: AttentionView, q_abs: int, seq: int) -> bool:
+    if view.positions is None:
+        return seq <= q_abs + 1
+    return bool((view.positions <= q_abs).all())
+
+
+def attend(
+    query: torch.Tensor, view: AttentionView, allowed: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """Scaled dot-product attention of ``query`` over a compressed view.
+
+    Args:
+        query: ``[batch, q_heads, q_len, head_dim]`` post-RoPE queries (unrotated).
+        view: keys/values ``[batch, kv_heads, seq, head_dim]``, possibly held rotated.
+        allowed: ``[batch, kv_heads, q_len, seq]`` bool or ``None``.
+        scaling: softmax scale.
+
+    Returns:
+        ``[batch, q_len, q_heads, head_dim]``, the layout transformers' attention functions return.
+    """
+    batch, q_heads, q_len, _ = query.shape
+    kv_heads = view.keys.shape[1]
+    groups = q_heads // kv_heads
+    if view.key_rotation is not None:
+        query = query @ view.key_rotation.to(query.dtype)
+    # The query heads sharing a KV head attend together: K/V are read once, never repeated.
+    q = query.reshape(batch, kv_heads, groups * q_len, query.shape[-1])
+    mask = None
+    if allowed is not None:
+        # A query with no allowed slot (a padding query) attends to everything instead of producing NaN.
+        allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+        mask = allowed.unsqueeze(2).expand(batch, kv_heads, groups, q_len, allowed.shape[-1])
+        mask = mask.reshape(batch, kv_heads, groups * q_len, allowed.shape[-1])
+    keys, values = view.keys.to(query.dtype), view.values.to(query.dtype)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
+    out = out.reshape(batch, q_heads, q_len, values.shape[-1])
+    if view.value_rotation is not None:
+        out = out @ view.value_rotation.to(out.dtype).transpose(-1, -2)
+    return out.transpose(1, 2).contiguous()

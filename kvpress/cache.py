@@ -1,0 +1,222 @@
+"""The compressed cache: a transformers ``Cache`` whose full-attention layers physically hold less."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from transformers import PretrainedConfig
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin, get_layer_types_and_kwargs
+
+from kvpress.storage import AttentionView, DenseStorage, KVStorage
+
+StorageFactory = Callable[[int], KVStorage]
+
+
+def dense_storage_factory(layer_idx: int) -> KVStorage:
+    return DenseStorage()
+
+
+class CompressedLayer(CacheLayerMixin):
+    """One full-attention layer: a :class:`~kvpress.storage.KVStorage` plus the true number of tokens seen.
+
+    ``get_seq_length()`` is the number of tokens fed to the model so far, not the number held, so rotary
+    positions and masks of new tokens keep counting from the true sequence length after eviction.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, storage_factory: StorageFactory, layer_idx: int):
+        # CacheLayerMixin.__init__ would set `keys`/`values` attributes; here they are views of the storage.
+        self.storage_factory = storage_factory
+        self.storage = storage_factory(layer_idx)
+        self.layer_idx = layer_idx
+        self.seen_tokens = 0
+        self.is_initialized = False
+        self.policy_state: dict[str, Any] = {}  # per-layer memory of a policy (e.g. accumulated scores)
+        self.last_view: AttentionView | None = None  # what attention reads in the current forward
+
+    # -- transformers layer API ------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append ``[batch, kv_heads, new, head_dim]`` K/V and return what attention reads."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.storage.append(key_states, value_states, self.seen_tokens)
+        self.seen_tokens += key_states.shape[-2]
+        self.last_view = self.storage.view()
+        return self.last_view.keys, self.last_view.values
+
+    def get_seq_length(self) -> int:
+        return self.seen_tokens
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Masks are built over absolute positions; attention gathers the columns of the slots it holds.
+        return self.seen_tokens + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if not self.is_initialized else self.storage.view().keys
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if not self.is_initialized else self.storage.view().values
+
+    def keep(self, mask: torch.Tensor) -> None:
+        """Keep only the slots where ``mask`` (``[batch, kv_heads, seq]`` bool over the view) is True."""
+        self.storage = self.storage.select(mask)
+        self.last_view = None
+
+    def reset(self) -> None:
+        self.storage = self.storage_factory(self.layer_idx)
+        self.seen_tokens = 0
+        self.is_initialized = False
+        self.policy_state = {}
+        self.last_view = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        n = -tokens_to_remove
+        if n == 0 or not self.is_initialized:
+            return
+        if not isinstance(self.storage, DenseStorage) or self.storage.positions is not None:
+            raise NotImplementedError("crop is only supported on a layer from which nothing was evicted")
+        self.storage.crop(n)
+        self.seen_tokens -= n
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self.storage = self.storage.index_batch(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            batch = int(self.storage.lengths().shape[0])
+            self.storage = self.storage.index_batch(torch.arange(batch).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.storage = self.storage.index_batch(indices)
+
+    def offload(self) -> None:  # offloading is not supported; keep storage where it is
+        pass
+
+    def prefetch(self) -> None:
+        pass
+
+    # -- kvpress ---------------------------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        return self.storage.nbytes() if self.is_initialized else 0
+
+    def __repr__(self) -> str:
+        return f"CompressedLayer({type(self.storage).__name__}, seen={self.seen_tokens})"
+
+
+@dataclass
+class LayerReport:
+    """Bytes and tokens held by one layer."""
+
+    layer_idx: int
+    kind: str  # storage class name, or the transformers layer class for layers kvpress leaves alone
+    nbytes: int
+    tokens_min: int
+    tokens_max: int
+    tokens_mean: float
+    seen_tokens: int
+
+
+class KVPressCache(Cache):
+    """A transformers :class:`~transformers.Cache` that stores less.
+
+    Full-attention layers are :class:`CompressedLayer` objects whose storage a policy may shrink. Layers of
+    other types (sliding-window layers of Gemma 3, for instance) keep transformers' own layer class and its
+    own rules: they are already bounded, and kvpress neither compresses them nor hides their bytes.
+
+    Args:
+        config: the model config (its text config is used).
+        storage_factory: builds each compressed layer's storage from its layer index (dense by default;
+            a quantizer's ``create_storage`` for quantized storage).
+    """
+
+    def __init__(self, config: PretrainedConfig, storage_factory: StorageFactory | None = None):
+        self.storage_factory = storage_factory or dense_storage_factory
+        text_config = config.get_text_config(decoder=True)
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+        layers: list[Any] = []
+        for idx, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
+            if kind == "full_attention":
+                layers.append(CompressedLayer(self.storage_factory, idx))
+            else:
+                layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs))
+        super().__init__(layers=layers)
+
+    @property
+    def compressed_layers(self) -> list[int]:
+        """Indices of the layers kvpress compresses (the full-attention ones)."""
+        return [i for i, layer in enumerate(self.layers) if isinstance(layer, CompressedLayer)]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens seen so far (not tokens held): what positions of new tokens count from."""
+        return super().get_seq_length(layer_idx)
+
+    def layer_nbytes(self) -> list[int]:
+        """Physical bytes held by each layer."""
+        return [_layer_nbytes(layer) for layer in self.layers]
+
+    def nbytes(self) -> int:
+        """Physical bytes of every tensor the cache holds."""
+        return sum(self.layer_nbytes())
+
+    def storage_nbytes(self) -> int:
+        """Bytes of the allocations behind those tensors (equal to :meth:`nbytes` unless a view pins more)."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, CompressedLayer):
+                total += layer.storage.storage_nbytes() if layer.is_initialized else 0
+            else:
+                total += sum(t.untyped_storage().nbytes() for t in _plain_tensors(layer))
+        return total
+
+    def report(self) -> list[LayerReport]:
+        """Per-layer bytes and tokens held."""
+        out = []
+        for idx, layer in enumerate(self.layers):
+            if isinstance(layer, CompressedLayer) and layer.is_initialized:
+                lengths = layer.storage.lengths().float()
+                kind, seen = type(layer.storage).__name__, layer.seen_tokens
+            else:
+                keys = getattr(layer, "keys", None)
+                n = 0 if keys is None or keys.dim() < 3 else keys.shape[-2]
+                lengths = torch.tensor([float(n)])
+                kind, seen = type(layer).__name__, layer.get_seq_length() if hasattr(layer, "get_seq_length") else n
+            out.append(
+                LayerReport(
+                    idx, kind, _layer_nbytes(layer), int(lengths.min()), int(lengths.max()),
+                    float(lengths.mean()), int(seen),
+                )
+            )
+        return out
+
+    def clone(self) -> "KVPressCache":
+        """A deep copy: fan one prefill out to several compression settings."""
+        return copy.deepcopy(self)
+
+
+def _plain_tensors(layer: Any) -> list[torch.Tensor]:
+    return [t for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor)]
+
+
+def _layer_nbytes(layer: Any) -> int:
+    if isinstance(layer, CompressedLayer):
+        return layer.nbytes()
+    return sum(t.numel() * t.element_size() for t in _plain_tensors(layer))

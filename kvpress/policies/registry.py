@@ -1,0 +1,36 @@
+"""Policies by name, for the CLI and configuration files."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from kvpress.policies.base import Policy
+from kvpress.policies.snapkv import SnapKV
+from kvpress.policies.streaming_llm import StreamingLLM
+
+_REGISTRY: dict[str, Callable[..., Policy | None]] = {
+    "none": lambda: None,
+    "streaming_llm": StreamingLLM,
+    "snapkv": SnapKV,
+}
+_ALIASES = {"full": "none", "streamingllm": "streaming_llm", "sinks": "streaming_llm"}
+
+
+def register_policy(name: str, factory: Callable[..., Policy | None]) -> None:
+    """Make ``factory`` available as ``get_policy(name, ...)``."""
+    _REGISTRY[name] = factory
+
+
+def available_policies() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_policy(name: str, **params: Any) -> Policy | None:
+    """Build a policy by name (``"none"`` gives ``None``: the uncompressed cache)."""
+    key = _ALIASES.get(name.lower().replace("-", "_"), name.lower().replace("-", "_"))
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown policy {name!r}; available policies: {', '.join(available_policies())}")
+    try:
+        return _REGISTRY[key](**params)
+    except TypeError as err:
+        raise ValueError(f"bad parameters for policy {name!r}: {err}") from err

@@ -1,0 +1,41 @@
+"""StreamingLLM (Xiao et al., 2023): attention sinks + a window of recent tokens, at every step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kvpress.context import LayerContext
+from kvpress.policies.base import Policy, check_int
+
+
+class StreamingLLM(Policy):
+    """Keep the first ``n_sink`` tokens and the ``window`` most recent ones; evict everything between.
+
+    Applied after every forward (prefill, extend and each decoding step), so each head holds at most
+    ``n_sink + window`` tokens: a bounded cache for unbounded generation. Keys keep their original rotary
+    positions (transformers caches post-RoPE keys); new tokens keep counting from the true sequence length.
+    With left padding, the sinks are the first *real* tokens of each row.
+    """
+
+    name = "streaming_llm"
+
+    def __init__(self, n_sink: int = 4, window: int = 1024):
+        self.n_sink = check_int("n_sink", n_sink, 0)
+        self.window = check_int("window", window, 1)
+
+    def select(self, ctx: LayerContext) -> torch.Tensor | None:
+        valid = ctx.key_valid
+        if ctx.num_cached <= self.n_sink + self.window and bool(valid.all()):
+            return None
+        rank_among_valid = valid.long().cumsum(dim=-1) - 1
+        sinks = valid & (rank_among_valid < self.n_sink)
+        recent = valid & (ctx.positions >= ctx.seq_len - self.window)
+        keep = sinks | recent
+        if bool(keep.all()):
+            return None
+        return keep
+
+    def params(self) -> dict[str, Any]:
+        return {"n_sink": self.n_sink, "window": self.window}

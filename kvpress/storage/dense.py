@@ -1,0 +1,109 @@
+"""Dense storage: every head of the layer holds the same number of tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from kvpress.storage.base import AttentionView, KVStorage
+
+POSITION_DTYPE = torch.int32  # positions are held compactly; widened to int64 only transiently
+
+
+class DenseStorage(KVStorage):
+    """Keys and values as ``[batch, kv_heads, seq, head_dim]`` tensors.
+
+    ``positions`` (``[batch, kv_heads, seq]`` int32) is only held once something was evicted; before that the
+    tokens are exactly positions ``0..seq-1`` and holding them would waste bytes. Appending concatenates,
+    exactly as transformers' ``DynamicLayer`` does, so an uncompressed kvpress cache returns bit-identical
+    tensors to attention.
+    """
+
+    def __init__(
+        self,
+        keys: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ):
+        self.keys = keys
+        self.values = values
+        self.positions = positions
+
+    # -- KVStorage -------------------------------------------------------------------------------------------
+    def append(self, keys: torch.Tensor, values: torch.Tensor, start_position: int) -> None:
+        if self.keys is None:
+            self.keys, self.values = keys, values
+            if start_position != 0:
+                self.positions = _arange_positions(keys, start_position)
+            return
+        held = self.keys.shape[-2]
+        self.keys = torch.cat([self.keys, keys], dim=-2)
+        self.values = torch.cat([self.values, values], dim=-2)
+        if self.positions is None and start_position != held:
+            self.positions = _arange_positions(self.keys[..., :held, :], 0)
+        if self.positions is not None:
+            self.positions = torch.cat([self.positions, _arange_positions(keys, start_position)], dim=-1)
+
+    def view(self) -> AttentionView:
+        positions = None if self.positions is None else self.positions.long()
+        return AttentionView(self.keys, self.values, positions, None)
+
+    def select(self, keep: torch.Tensor) -> KVStorage:
+        if bool(keep.all()):
+            return self
+        counts = keep.sum(dim=-1)
+        positions = self.view_positions()
+        if bool((counts == counts.flatten()[0]).all()):
+            batch, heads, _ = keep.shape
+            # nonzero walks rows in order, so indices stay sorted by position within each head.
+            index = keep.nonzero()[:, -1].view(batch, heads, -1)
+            gather_index = index.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])
+            return DenseStorage(
+                torch.gather(self.keys, 2, gather_index),
+                torch.gather(self.values, 2, gather_index),
+                torch.gather(positions, 2, index).to(POSITION_DTYPE),
+            )
+        from kvpress.storage.ragged import RaggedStorage
+
+        return RaggedStorage.from_padded(self.keys, self.values, positions, keep)
+
+    def tensors(self) -> list[torch.Tensor]:
+        held = [t for t in (self.keys, self.values, self.positions) if t is not None]
+        return held
+
+    def lengths(self) -> torch.Tensor:
+        if self.keys is None:
+            return torch.zeros(0, 0, dtype=torch.long)
+        batch, heads, seq, _ = self.keys.shape
+        return torch.full((batch, heads), seq, dtype=torch.long, device=self.keys.device)
+
+    def index_batch(self, index: torch.Tensor) -> KVStorage:
+        if self.keys is None:
+            return DenseStorage()
+        index = index.to(self.keys.device)
+        return DenseStorage(
+            self.keys.index_select(0, index),
+            self.values.index_select(0, index),
+            None if self.positions is None else self.positions.index_select(0, index),
+        )
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+    def view_positions(self) -> torch.Tensor:
+        """``[batch, kv_heads, seq]`` int64 positions, materialised when none are held."""
+        if self.positions is not None:
+            return self.positions.long()
+        return _arange_positions(self.keys, 0).long()
+
+    def crop(self, n_tokens: int) -> None:
+        """Drop the last ``n_tokens`` tokens of every head."""
+        keep = self.keys.shape[-2] - n_tokens
+        self.keys = self.keys[..., :keep, :].clone()
+        self.values = self.values[..., :keep, :].clone()
+        if self.positions is not None:
+            self.positions = self.positions[..., :keep].clone()
+
+
+def _arange_positions(like: torch.Tensor, start: int) -> torch.Tensor:
+    """``[batch, kv_heads, seq]`` positions ``start..start+seq-1`` for a ``[batch, kv_heads, seq, dim]`` tensor."""
+    batch, heads, seq = like.shape[:3]
+    pos = torch.arange(start, start + seq, device=like.device, dtype=POSITION_DTYPE)
+    return pos.expand(batch, heads, seq).contiguous()
