@@ -46,3 +46,18 @@ def test_greedy_generate_identical(arch, batch):
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("policy", [None, "streaming"])
+def test_beam_search_runs_and_matches_without_policy(policy):
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch([14, 9], seed=4)
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0)
+    ref = model.generate(ids, **kwargs)
+    pol = kvpress.StreamingLLM(n_sink=2, window=6) if policy else None
+    with kvpress.patch(model, pol):
+        out = model.generate(ids, **kwargs)
+    if policy is None:
+        assert torch.equal(out, ref)
+    else:
+        assert out.shape == ref.shape
