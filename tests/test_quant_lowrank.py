@@ -71,23 +71,36 @@ def test_rank_capped_and_factor_shapes():
     assert torch.equal(zero.reconstruct(), torch.zeros(1, 6, 4))
 
 
-@pytest.mark.parametrize("fraction", [0.01, 0.02, 0.1])
-def test_outliers_are_the_largest_and_kept_exactly(fraction):
+@pytest.mark.parametrize("fraction", [0.01, 0.05, 0.1])
+def test_outliers_are_the_largest_of_each_row_and_kept_exactly(fraction):
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(2, 3, 50, 16, generator=g).to(torch.bfloat16)
+    x = torch.randn(2, 3, 50, 64, generator=g).to(torch.bfloat16)
     out = select_outliers(x, fraction)
-    k = math.ceil(fraction * 50 * 16)
-    assert out.values.shape == (2, 3, k) and out.indices.dtype == torch.int32
-    assert out.values.dtype == torch.bfloat16
+    k = math.ceil(fraction * 64)
+    assert out.values.shape == (2, 3, 50, k) and out.indices.shape == (2, 3, 50, k)
+    assert out.values.dtype == torch.bfloat16 and out.indices.dtype == torch.uint8
     mask = out.mask(x.shape)
-    assert int(mask.sum()) == 2 * 3 * k
+    assert torch.equal(mask.sum(-1), torch.full((2, 3, 50), k))
     absx = x.float().abs()
-    for b in range(2):
-        for h in range(3):
-            assert absx[b, h][mask[b, h]].min() >= absx[b, h][~mask[b, h]].max()
+    kept_min = absx.masked_fill(~mask, float("inf")).amin(-1)
+    other_max = absx.masked_fill(mask, float("-inf")).amax(-1)
+    assert (kept_min >= other_max).all()
     gt = gear_quantize(x, 2, 16, "token", outlier_fraction=fraction)
     y = gt.dequantize()
     assert torch.equal(y[mask], x[mask])
+    assert select_outliers(torch.randn(2, 300), 0.01).indices.dtype == torch.int16  # D > 256
+
+
+def test_exclude_marks_padding_rows():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 2, 32, 16, generator=g)
+    pad = torch.zeros_like(x, dtype=torch.bool)
+    pad[:, :, 20:] = True
+    x_padded = x.masked_fill(pad, 1000.0)  # garbage that must not widen any key group
+    gt = gear_quantize(x_padded, 4, 32, "channel", rank=2, exclude=pad)
+    ref = gear_quantize(x[:, :, :20], 4, 20, "channel", rank=0)
+    y = gt.dequantize()[:, :, :20]
+    assert _rel(y, x[:, :, :20]) <= _rel(ref.dequantize(), x[:, :, :20]) + 1e-6
 
 
 def test_outliers_tighten_the_other_groups():
@@ -104,8 +117,9 @@ def test_bytes_count_every_term():
     x = torch.randn(2, 3, 64, 32)
     q = quantize(x, 4, 32, "channel")
     gt = gear_quantize(x, 4, 32, "channel", rank=2, outlier_fraction=0.05)
-    k = math.ceil(0.05 * 64 * 32)
-    expected = q.nbytes() + 2 * 3 * (64 + 32) * 2 * 2 + 2 * 3 * k * (4 + 4)  # fp16 factors, fp32 values, int32 idx
+    k = math.ceil(0.05 * 32)  # per token row
+    # fp16 factors (64 tokens + 32 channels, rank 2); per outlier an fp32 value and a uint8 channel index
+    expected = q.nbytes() + 2 * 3 * (64 + 32) * 2 * 2 + 2 * 3 * 64 * k * (4 + 1)
     assert gt.nbytes() == expected
     assert sum(t.numel() * t.element_size() for t in gt.tensors()) == expected
 

@@ -1,21 +1,24 @@
 """GEAR-style error correction: ``X ~= Q(X) + L + S``.
 
-* ``S`` (:class:`Outliers`): the ``outlier_fraction`` largest ``|x|`` entries of each block are taken out
-  before quantization (they do not widen any group's min/max) and kept exactly (values in the input dtype plus
-  int32 flat indices into the block; both count as held bytes).
+* ``S`` (:class:`Outliers`): the ``ceil(outlier_fraction * D)`` largest ``|x|`` entries of every *token row*
+  (``[..., D]``) are taken out before quantization (they do not widen any group's min/max) and kept exactly:
+  values (the input dtype unless told) plus their channel indices (uint8 when ``D <= 256``, else int16);
+  both count as held bytes. Row-wise selection (GEAR picks the top entries of a whole block) keeps a fixed
+  number per token, so evicting a token simply drops its row of outliers.
 * ``Q(X)``: the quantizer of :mod:`kvpress.quant.quantizer` with the outliers excluded.
 * ``L`` (:class:`LowRank`): a rank-``r`` approximation of the remaining error ``E = X - Q(X)`` (zero at the
-  outliers), by subspace (power) iteration.
+  outliers) over each block ``[n, D]`` of tokens, by subspace (power) iteration.
 
 Every leading index (batch element, head, and whatever block of tokens the caller passes as the last-but-one
 axis) gets its own basis: the iteration is batched over all leading dims, nothing is shared between them.
 
 Subspace iteration: start from ``Q0 = randn(r, D)^T`` drawn from ``seed`` (the first ``r`` rows are the same for
 every rank, so starts are nested), ``P = orth(E Q0)``, then ``iters`` times ``Z = orth(E^T P)``,
-``P = orth(E Z)``; finally ``L = P (E^T P)^T``, held as ``left = P`` ``[..., n, r]`` and ``right = E^T P``
-``[..., D, r]``. QR keeps the span of the leading columns, so the rank-``r`` subspace is contained in the
-rank-``r+1`` one and ``||E - L||_F`` never grows with the rank (up to the rounding of the stored factors).
-Bytes: ``(n + D) * r`` factor entries per block per head (``factor_dtype``, fp16 by default).
+``P = orth(E Z)``; finally ``L = P (E^T P)^T``, held as ``left = P`` ``[..., n, r]`` (one row per token) and
+``right = E^T P`` ``[..., D, r]`` (one per block). QR keeps the span of the leading columns, so the rank-``r``
+subspace is contained in the rank-``r+1`` one and ``||E - L||_F`` never grows with the rank (up to the rounding
+of the stored factors). Bytes: ``(n + D) * r`` factor entries per block per head (``factor_dtype``, fp16 by
+default).
 """
 
 from __future__ import annotations
@@ -102,35 +105,39 @@ def lowrank(
 
 @dataclass(frozen=True)
 class Outliers:
-    """The largest-``|x|`` entries of each ``[n, D]`` block: ``values`` and int32 flat ``indices`` ``[..., k]``."""
+    """The largest-``|x|`` entries of every token row: ``values`` and channel ``indices``, both ``[..., n, k]``."""
 
     values: torch.Tensor
     indices: torch.Tensor
 
     def mask(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
         """Bool mask of ``shape`` ``[..., n, D]``, True at the outliers."""
-        flat = torch.zeros(*shape[:-2], shape[-2] * shape[-1], dtype=torch.bool, device=self.values.device)
-        flat.scatter_(-1, self.indices.long(), True)
-        return flat.reshape(shape)
+        out = torch.zeros(shape, dtype=torch.bool, device=self.values.device)
+        return out.scatter_(-1, self.indices.long(), True)
 
     def scatter_into(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``[..., n, D]`` with the outliers written back exactly (a new tensor)."""
-        flat = x.reshape(*x.shape[:-2], -1).clone()
-        flat.scatter_(-1, self.indices.long(), self.values.to(x.dtype))
-        return flat.reshape(x.shape)
+        return x.scatter(-1, self.indices.long(), self.values.to(x.dtype))
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.values, self.indices]
 
 
-def select_outliers(x: torch.Tensor, fraction: float) -> Outliers:
-    """The ``ceil(fraction * n * D)`` largest ``|x|`` entries of every ``[n, D]`` block of ``x``."""
+def outliers_per_row(head_dim: int, fraction: float) -> int:
+    """Outliers kept per token row: ``ceil(fraction * head_dim)``."""
     check_outlier_fraction(fraction)
-    flat = x.reshape(*x.shape[:-2], -1)
-    k = min(math.ceil(fraction * flat.shape[-1]), flat.shape[-1])
-    idx = flat.abs().topk(k, dim=-1, sorted=False).indices if k else flat.new_zeros(*flat.shape[:-1], 0).long()
-    idx = idx.sort(-1).values
-    return Outliers(values=flat.gather(-1, idx), indices=idx.to(torch.int32))
+    return min(math.ceil(fraction * head_dim), head_dim)
+
+
+def select_outliers(x: torch.Tensor, fraction: float, dtype: torch.dtype | None = None) -> Outliers:
+    """The ``ceil(fraction * D)`` largest ``|x|`` entries of every row ``[..., D]`` of ``x``.
+
+    Values are held in ``dtype`` (default: ``x.dtype``, i.e. exactly).
+    """
+    k = outliers_per_row(x.shape[-1], fraction)
+    idx = x.abs().topk(k, dim=-1, sorted=False).indices.sort(-1).values
+    index_dtype = torch.uint8 if x.shape[-1] <= 256 else torch.int16
+    return Outliers(values=x.gather(-1, idx).to(dtype or x.dtype), indices=idx.to(index_dtype))
 
 
 @dataclass(frozen=True)
@@ -174,13 +181,20 @@ def gear_quantize(
     seed: int = 0,
     scale_dtype: torch.dtype = torch.float16,
     factor_dtype: torch.dtype = torch.float16,
+    outlier_dtype: torch.dtype | None = None,
+    exclude: torch.Tensor | None = None,
 ) -> GearTensor:
-    """Quantize the block ``x`` ``[..., n, D]`` with optional outliers and low-rank error correction."""
+    """Quantize the block ``x`` ``[..., n, D]`` with optional outliers and low-rank error correction.
+
+    ``exclude`` (bool like ``x``) marks padding: it widens no group range and its error is not fitted.
+    """
     check_rank(rank)
     check_outlier_fraction(outlier_fraction)
     _check_iters(iters)
-    outliers = select_outliers(x, outlier_fraction) if outlier_fraction > 0 else None
-    exclude = outliers.mask(x.shape) if outliers is not None else None
+    outliers = select_outliers(x, outlier_fraction, outlier_dtype) if outlier_fraction > 0 else None
+    if outliers is not None:
+        mask = outliers.mask(x.shape)
+        exclude = mask if exclude is None else exclude | mask
     q = quantize(x, bits, group_size, axis, scale_dtype=scale_dtype, exclude=exclude)
     low = None
     if rank > 0:

@@ -1,0 +1,175 @@
+"""``KVQuant``: the configuration object that turns a kvpress cache into a quantized one.
+
+    with kvpress.patch(model, KVQuant(bits=2, rank=2)):                       # quantized storage only
+    with kvpress.patch(model, SnapKV(compression_ratio=0.5) | KVQuant(4)):   # evict, then quantize
+
+It is a *storage spec* for the core cache: ``create_storage(layer_idx)`` builds each compressed layer's
+:class:`~kvpress.quant.storage.QuantizedStorage`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from kvpress.quant.body import BodyConfig
+from kvpress.quant.lowrank import check_outlier_fraction, check_rank
+from kvpress.quant.packing import check_bits
+from kvpress.quant.quantizer import check_group_size
+from kvpress.quant.rotation import outlier_permutation, rotation_matrix
+
+
+def _check_count(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+@functools.lru_cache(maxsize=32)
+def _shared_rotation(head_dim: int, seed: int, block: int | None, device: str) -> torch.Tensor:
+    return rotation_matrix(head_dim, seed=seed, block_size=block, device=device)
+
+
+@dataclass(frozen=True)
+class KVQuant:
+    """Quantized KV storage (KIVI axes + optional Hadamard rotation, attention sinks and GEAR correction).
+
+    Args:
+        bits: code width for keys and values (2, 3, 4 or 8); ``key_bits`` / ``value_bits`` override it.
+        group_size: G, tokens per key group (per-channel scale and zero) and the default value group.
+        residual: R, most recent tokens kept in full precision (the window holds R to R + F - 1 tokens).
+        rotate: store keys and values Hadamard-rotated (random signs from ``seed``).
+        outlier_reorder: calibrate a channel permutation per layer from its first keys/values before the
+            Hadamard (matters only for block-diagonal rotations, see ``rotation_block``).
+        n_sink: the first ``n_sink`` tokens stay in full precision.
+        rank: GEAR low-rank correction rank (0 = off), at most ``group_size``.
+        outlier_fraction: GEAR sparse outliers, fraction of each token row kept exactly (0 = off).
+        key_bits, value_bits: per-tensor code widths (e.g. K4V2); default ``bits``.
+        value_group_size: channels per value group (per-token groups); default ``min(group_size, head_dim)``.
+        lowrank_block: F, tokens per low-rank block when ``rank > 0`` (a multiple of ``group_size``); the
+            residual is then flushed F tokens at a time.
+        power_iters: subspace-iteration steps of the low-rank fit.
+        rotation_block: Hadamard block size (a power of two dividing head_dim); default: the largest power of
+            two dividing head_dim, i.e. one full Hadamard for power-of-two head dims.
+        seed: seed of the rotation signs (keys use ``seed``, values ``seed + 1``) and of the low-rank start.
+        scale_dtype: dtype of scales, zeros, low-rank factors and outlier values.
+        exact_new_tokens: attend the tokens of the current forward exactly (see :mod:`kvpress.quant.storage`).
+    """
+
+    bits: int = 4
+    group_size: int = 32
+    residual: int = 128
+    rotate: bool = True
+    outlier_reorder: bool = False
+    n_sink: int = 4
+    rank: int = 0
+    outlier_fraction: float = 0.0
+    key_bits: int | None = None
+    value_bits: int | None = None
+    value_group_size: int | None = None
+    lowrank_block: int = 256
+    power_iters: int = 2
+    rotation_block: int | None = None
+    seed: int = 0
+    scale_dtype: torch.dtype = torch.float16
+    exact_new_tokens: bool = True
+
+    name = "kvquant"
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        for name in ("key_bits", "value_bits"):
+            if getattr(self, name) is not None:
+                check_bits(getattr(self, name), name)
+        check_group_size(self.group_size)
+        if self.value_group_size is not None:
+            check_group_size(self.value_group_size, "value_group_size")
+        _check_count("residual", self.residual, 0)
+        _check_count("n_sink", self.n_sink, 0)
+        check_rank(self.rank)
+        if self.rank > self.group_size:
+            raise ValueError(f"rank={self.rank} must not exceed group_size={self.group_size}")
+        check_outlier_fraction(self.outlier_fraction)
+        _check_count("lowrank_block", self.lowrank_block, 1)
+        if self.rank > 0 and self.lowrank_block % self.group_size:
+            raise ValueError(
+                f"lowrank_block={self.lowrank_block} must be a multiple of group_size={self.group_size}"
+            )
+        _check_count("power_iters", self.power_iters, 0)
+        if self.rotation_block is not None:
+            _check_count("rotation_block", self.rotation_block, 1)
+        if not isinstance(self.scale_dtype, torch.dtype) or not self.scale_dtype.is_floating_point:
+            raise ValueError(f"scale_dtype must be a floating torch dtype, got {self.scale_dtype!r}")
+
+    # -- the storage-spec protocol of the core cache ---------------------------------------------------------
+    def create_storage(self, layer_idx: int):
+        """An empty :class:`~kvpress.quant.storage.QuantizedStorage` for layer ``layer_idx``."""
+        from kvpress.quant.storage import QuantizedStorage
+
+        return QuantizedStorage(self, layer_idx)
+
+    # -- helpers used by the storage -------------------------------------------------------------------------
+    def body_config(self, head_dim: int) -> BodyConfig:
+        """Resolve the per-layer quantization parameters once the head_dim is known (validates them)."""
+        value_group = self.value_group_size or min(self.group_size, head_dim)
+        if head_dim % value_group:
+            which = "value_group_size" if self.value_group_size else "group_size"
+            raise ValueError(
+                f"{which}={value_group} must divide head_dim={head_dim} for per-token value groups "
+                "(set value_group_size to a divisor of head_dim)"
+            )
+        if self.rank > head_dim:
+            raise ValueError(f"rank={self.rank} must not exceed head_dim={head_dim}")
+        return BodyConfig(
+            head_dim=head_dim,
+            key_bits=self.key_bits or self.bits,
+            value_bits=self.value_bits or self.bits,
+            group_size=self.group_size,
+            value_group=value_group,
+            rank=self.rank,
+            outlier_fraction=self.outlier_fraction,
+            power_iters=self.power_iters,
+            seed=self.seed,
+            scale_dtype=self.scale_dtype,
+            factor_dtype=self.scale_dtype,
+        )
+
+    def rotations(
+        self,
+        head_dim: int,
+        device: torch.device,
+        sample_keys: torch.Tensor | None = None,
+        sample_values: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(key rotation, value rotation, owned): shared constants, or per-layer ones calibrated on samples."""
+        if sample_keys is None:
+            dev = str(device)
+            return (
+                _shared_rotation(head_dim, self.seed, self.rotation_block, dev),
+                _shared_rotation(head_dim, self.seed + 1, self.rotation_block, dev),
+                False,
+            )
+        perm_k = outlier_permutation(sample_keys, self.rotation_block)
+        perm_v = outlier_permutation(sample_values, self.rotation_block)
+        rk = rotation_matrix(head_dim, self.seed, perm_k, self.rotation_block, device=device)
+        rv = rotation_matrix(head_dim, self.seed + 1, perm_v, self.rotation_block, device=device)
+        return rk, rv, True
+
+    # -- reporting and composition ---------------------------------------------------------------------------
+    def params(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["scale_dtype"] = str(self.scale_dtype).replace("torch.", "")
+        return out
+
+    def __or__(self, other: Any) -> Any:
+        from kvpress.policies.pipeline import Pipeline
+
+        return Pipeline(self, other)
+
+    def __ror__(self, other: Any) -> Any:
+        from kvpress.policies.pipeline import Pipeline
+
+        return Pipeline(other, self)

@@ -1,0 +1,325 @@
+"""``QuantizedStorage``: one layer's K/V held as packed low-bit codes (KIVI axes, optional rotation and GEAR).
+
+Segments, each in position order, per ``[batch, kv_head]``:
+
+    sinks     the first ``n_sink`` tokens, full precision (model dtype), never quantized
+    body      :class:`~kvpress.quant.body.QuantizedBody`: keys per-channel in groups of G tokens, values per-token
+    residual  the most recent tokens, full precision: between ``residual`` and ``residual + F - 1`` of them
+              (``F`` = group_size, or ``lowrank_block`` with low-rank correction)
+
+New tokens go to the residual; when it reaches ``residual + F`` tokens, its oldest whole multiple of ``F`` tokens
+is quantized in one go (rotated first). A token is quantized once, from its exact value: nothing dequantized is
+ever quantized again (eviction gathers codes, see :meth:`QuantizedStorage.select`).
+
+Rotation: keys are quantized as ``K @ R`` and values as ``V @ Rv``. :meth:`~QuantizedStorage.view` returns
+keys and values in that rotated basis with ``key_rotation=R`` / ``value_rotation=Rv`` so attention rotates the
+query and un-rotates its output. Sinks and residual are held unrotated and rotated on the fly (exact tokens
+keep the model dtype's precision). Without outlier reordering ``R`` is a constant shared by every layer (like a
+weight, not counted in a layer's bytes); with reordering it is calibrated per layer from the first keys and
+values appended and counted.
+
+Exact new tokens: the tokens of an ``append`` are in hand when attention runs right after it, so (with
+``exact_new_tokens``, the default) the first :meth:`view` after an append shows them exactly, as KIVI and
+transformers' ``QuantizedCache`` attend the prefill in full precision; that view drops the exact copy, so
+nothing beyond the stored form outlives the step. Later views show what is stored.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvpress.quant.body import BodyConfig, QuantizedBody
+from kvpress.storage.base import AttentionView, KVStorage
+
+if TYPE_CHECKING:
+    from kvpress.quant.config import KVQuant
+
+POSITION_DTYPE = torch.int32
+
+
+def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    return b if a is None else torch.cat([a, b], dim=2)
+
+
+class QuantizedStorage(KVStorage):
+    """Quantized storage of one layer (see the module docstring). Built by :meth:`KVQuant.create_storage`."""
+
+    def __init__(self, spec: "KVQuant", layer_idx: int = 0):
+        self.spec = spec
+        self.layer_idx = layer_idx
+        self.cfg: BodyConfig | None = None
+        self.dtype: torch.dtype | None = None
+        self.key_rotation: torch.Tensor | None = None
+        self.value_rotation: torch.Tensor | None = None
+        self.rotation_owned = False  # per-layer (calibrated) rotations are held, and counted, by the layer
+        self.sink_k: torch.Tensor | None = None  # [B, H, s, D] model dtype, unrotated
+        self.sink_v: torch.Tensor | None = None
+        self.body: QuantizedBody | None = None
+        self.res_k: torch.Tensor | None = None  # [B, H, r, D] model dtype, unrotated
+        self.res_v: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None  # [B, H, N] int32; None: slots are positions 0..N-1
+        self.valid: torch.Tensor | None = None  # [B, H, N] bool; None: every slot is a real token
+        self.fresh: tuple[torch.Tensor, torch.Tensor] | None = None  # exact tokens of the last append
+
+    # -- sizes -----------------------------------------------------------------------------------------------
+    @property
+    def n_sink_slots(self) -> int:
+        return 0 if self.sink_k is None else self.sink_k.shape[2]
+
+    @property
+    def n_body_slots(self) -> int:
+        return 0 if self.body is None else self.body.n_tokens
+
+    @property
+    def n_residual_slots(self) -> int:
+        return 0 if self.res_k is None else self.res_k.shape[2]
+
+    @property
+    def n_slots(self) -> int:
+        return self.n_sink_slots + self.n_body_slots + self.n_residual_slots
+
+    @property
+    def flush_block(self) -> int:
+        """Tokens quantized together: a key group, or a low-rank block when low-rank correction is on."""
+        return self.spec.lowrank_block if self.spec.rank > 0 else self.spec.group_size
+
+    def _shape(self) -> tuple[int, int]:
+        ref = next(t for t in (self.sink_k, self.res_k) if t is not None)
+        return ref.shape[0], ref.shape[1]
+
+    # -- KVStorage -------------------------------------------------------------------------------------------
+    def append(self, keys: torch.Tensor, values: torch.Tensor, start_position: int) -> None:
+        if keys.dim() != 4 or keys.shape != values.shape:
+            raise ValueError(f"keys/values must both be [batch, kv_heads, new, head_dim], got "
+                             f"{tuple(keys.shape)} and {tuple(values.shape)}")  # fmt: skip
+        if self.cfg is None:
+            self._initialise(keys, values)
+        b, h, new, _ = keys.shape
+        held = self.n_slots
+        if self.positions is None and start_position != held:
+            self.positions = torch.arange(held, device=keys.device, dtype=POSITION_DTYPE).expand(b, h, held)
+        if self.positions is not None:
+            pos = torch.arange(start_position, start_position + new, device=keys.device, dtype=POSITION_DTYPE)
+            self.positions = torch.cat([self.positions, pos.expand(b, h, new)], dim=2)
+        if self.valid is not None:
+            self.valid = torch.cat([self.valid, self.valid.new_ones(b, h, new)], dim=2)
+        k, v = keys.to(self.dtype), values.to(self.dtype)
+        take = 0
+        if self.n_body_slots == 0 and self.n_residual_slots == 0:
+            take = min(self.spec.n_sink - self.n_sink_slots, new)
+            if take > 0 or self.sink_k is None:
+                self.sink_k, self.sink_v = _cat(self.sink_k, k[:, :, :take]), _cat(self.sink_v, v[:, :, :take])
+        self.res_k, self.res_v = _cat(self.res_k, k[:, :, take:]), _cat(self.res_v, v[:, :, take:])
+        self._flush()
+        self.fresh = (k, v) if self.spec.exact_new_tokens else None
+
+    def view(self) -> AttentionView:
+        keys, values = self._rotated32()
+        if self.fresh is not None:
+            fk, fv = self.fresh
+            n = fk.shape[2]
+            if n:
+                keys[:, :, -n:] = self._rotate(fk, self.key_rotation)
+                values[:, :, -n:] = self._rotate(fv, self.value_rotation)
+            self.fresh = None
+        return AttentionView(
+            keys=keys.to(self.dtype),
+            values=values.to(self.dtype),
+            positions=None if self.positions is None else self.positions.long(),
+            valid=self.valid,
+            key_rotation=self.key_rotation,
+            value_rotation=self.value_rotation,
+        )
+
+    def select(self, keep: torch.Tensor) -> KVStorage:
+        """Keep the slots where ``keep`` is True, without re-quantizing anything.
+
+        Per head the kept slots, in order, are sinks, body tokens, residual tokens. Heads keeping fewer tokens
+        than the most-keeping head are padded (slots marked invalid, duplicating the head's last kept sink or
+        body token, so they fall in the body or sink segment). The new segments have the same length in every
+        head: ``s' = max`` kept sinks per head (a head with fewer fills them with its next tokens as full-precision
+        copies: dequantized values for body tokens, so no loss), ``r' = min`` kept residual tokens per head; the
+        body is the rest. Body slots come from kept body tokens (codes gathered by
+        :meth:`QuantizedBody.take`) or from exact residual tokens of heads that kept more than ``r'``, which are
+        quantized now, for the first time, as new key groups at the end of the body.
+        """
+        self.fresh = None
+        if self.valid is not None:
+            keep = keep & self.valid
+        if (self.valid is None and bool(keep.all())) or (self.valid is not None and torch.equal(keep, self.valid)):
+            return self
+        b, h, n = keep.shape
+        device = keep.device
+        counts = keep.sum(-1)
+        k_new = int(counts.max())
+        s_old, q_old = self.n_sink_slots, self.n_body_slots
+        slot = torch.arange(n, device=device)
+        slot_cls = (slot >= s_old).long() + (slot >= s_old + q_old).long()  # 0 sink, 1 body, 2 residual
+        kept = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[:, :, :k_new]
+        # Padding goes right after each head's last kept sink/body token.
+        n_front = (keep & (slot_cls < 2)).sum(-1, keepdim=True)
+        pads = k_new - counts.unsqueeze(-1)
+        j = torch.arange(k_new, device=device)
+        src = torch.where(j < n_front, j, torch.where(j < n_front + pads, n_front - 1, j - pads)).clamp_min(0)
+        idx = kept.gather(2, src) if k_new else kept
+        is_pad = (j >= n_front) & (j < n_front + pads)
+        cls = slot_cls[idx]
+        s_new = int((cls == 0).sum(-1).max()) if k_new else 0
+        r_new = int((cls == 2).sum(-1).min()) if k_new else 0
+        q_new = k_new - s_new - r_new
+
+        out = copy.copy(self)
+        positions = self.positions.long() if self.positions is not None else slot.expand(b, h, n)
+        out.positions = positions.gather(2, idx).to(POSITION_DTYPE)
+        out.valid = None if not bool(is_pad.any()) else ~is_pad
+        out.sink_k, out.sink_v = self._gather_exact(idx[:, :, :s_new])
+        out.res_k, out.res_v = self._gather_exact(idx[:, :, k_new - r_new:])
+        out.body = self._select_body(idx[:, :, s_new:k_new - r_new], cls[:, :, s_new:k_new - r_new]) if q_new else None
+        return out
+
+    def tensors(self) -> list[torch.Tensor]:
+        held = [self.sink_k, self.sink_v, self.res_k, self.res_v, self.positions, self.valid]
+        if self.rotation_owned:
+            held += [self.key_rotation, self.value_rotation]
+        if self.fresh is not None:
+            held += list(self.fresh)
+        out = [t for t in held if t is not None]
+        if self.body is not None:
+            out += self.body.tensors()
+        return out
+
+    def lengths(self) -> torch.Tensor:
+        if self.cfg is None:
+            return torch.zeros(0, 0, dtype=torch.long)
+        if self.valid is not None:
+            return self.valid.sum(-1)
+        b, h = self._shape()
+        return torch.full((b, h), self.n_slots, dtype=torch.long, device=self.sink_k.device)
+
+    def index_batch(self, index: torch.Tensor) -> KVStorage:
+        out = copy.copy(self)
+        if self.cfg is None:
+            return out
+        index = index.to(self.sink_k.device)
+        for name in ("sink_k", "sink_v", "res_k", "res_v", "positions", "valid"):
+            t = getattr(self, name)
+            setattr(out, name, None if t is None else t.index_select(0, index))
+        out.body = None if self.body is None else self.body.index_batch(index)
+        out.fresh = None if self.fresh is None else tuple(t.index_select(0, index) for t in self.fresh)
+        return out
+
+    # -- kvpress.quant extras --------------------------------------------------------------------------------
+    def effective_bits(self) -> float:
+        """Bits held per cached K or V element: ``8 * nbytes / (tokens * kv_heads * head_dim * 2)``.
+
+        ``tokens * kv_heads`` is the number of real (valid) token slots over the batch and heads.
+        """
+        slots = int(self.lengths().sum())
+        if slots == 0:
+            return 0.0
+        return 8.0 * self.nbytes() / (slots * self.cfg.head_dim * 2)
+
+    def segment_lengths(self) -> dict[str, int]:
+        """Slots per head in each segment (sinks, body, residual)."""
+        return {"sink": self.n_sink_slots, "body": self.n_body_slots, "residual": self.n_residual_slots}
+
+    # -- internals -------------------------------------------------------------------------------------------
+    def _initialise(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        spec = self.spec
+        d = keys.shape[-1]
+        self.dtype = keys.dtype
+        self.cfg = spec.body_config(d)
+        if spec.rotate:
+            self.key_rotation, self.value_rotation, self.rotation_owned = spec.rotations(
+                d, keys.device, keys if spec.outlier_reorder else None, values if spec.outlier_reorder else None
+            )
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
+        x = x.float()
+        return x if r is None else x @ r
+
+    @staticmethod
+    def _unrotate(x: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
+        return x if r is None else x @ r.T
+
+    def _flush(self) -> None:
+        block = self.flush_block
+        excess = self.n_residual_slots - self.spec.residual
+        if excess < block:
+            return
+        m = excess // block * block
+        chunk = QuantizedBody.quantize(
+            self.cfg,
+            self._rotate(self.res_k[:, :, :m], self.key_rotation),
+            self._rotate(self.res_v[:, :, :m], self.value_rotation),
+            block=block,
+        )
+        self.body = chunk if self.body is None else self.body.cat(chunk)
+        self.res_k, self.res_v = self.res_k[:, :, m:].clone(), self.res_v[:, :, m:].clone()
+
+    def _rotated32(self, with_body: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """All slots' keys and values in float32, rotated basis (the body dequantized)."""
+        ks = [self._rotate(self.sink_k, self.key_rotation)]
+        vs = [self._rotate(self.sink_v, self.value_rotation)]
+        if self.body is not None and with_body:
+            bk, bv = self.body.dequantize()
+            ks.append(bk)
+            vs.append(bv)
+        ks.append(self._rotate(self.res_k, self.key_rotation))
+        vs.append(self._rotate(self.res_v, self.value_rotation))
+        return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+
+    def _gather_exact(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-precision copies (model dtype, unrotated) of slots ``idx`` ``[B, H, m]``.
+
+        Sink and residual slots are copied exactly; body slots are dequantized and un-rotated.
+        """
+        s, q = self.n_sink_slots, self.n_body_slots
+        b, h, m = idx.shape
+        d = self.cfg.head_dim
+        body_slot = (idx >= s) & (idx < s + q)
+        if m and bool(body_slot.any()):
+            bk, bv = self.body.dequantize()
+            dk = self._unrotate(bk, self.key_rotation).to(self.dtype)
+            dv = self._unrotate(bv, self.value_rotation).to(self.dtype)
+            src_k = torch.cat([self.sink_k, dk, self.res_k], dim=2)
+            src_v = torch.cat([self.sink_v, dv, self.res_v], dim=2)
+            index = idx
+        else:
+            src_k = torch.cat([self.sink_k, self.res_k], dim=2)
+            src_v = torch.cat([self.sink_v, self.res_v], dim=2)
+            index = torch.where(idx >= s + q, idx - q, idx)
+        index = index.unsqueeze(-1).expand(b, h, m, d)
+        return src_k.gather(2, index), src_v.gather(2, index)
+
+    def _select_body(self, idx: torch.Tensor, cls: torch.Tensor) -> QuantizedBody:
+        """The new body from slots ``idx`` ``[B, H, q]`` of class ``cls`` (1 body, 2 residual), per head body
+        slots first."""
+        s, q_old = self.n_sink_slots, self.n_body_slots
+        b, h, q = idx.shape
+        is_res = cls == 2
+        n_body = (~is_res).sum(-1, keepdim=True)  # [B, H, 1]
+        e = is_res.sum(-1)
+        e_max = int(e.max())
+        body = self.body
+        index = idx - s  # body-token index for body slots
+        if e_max:
+            g = self.cfg.group_size
+            e_pad = -(-e_max // g) * g
+            t = torch.arange(e_pad, device=idx.device)
+            # residual slot of the t-th new token of each head (clamped for padding, which is excluded)
+            rank = (n_body + t).clamp(max=q - 1)
+            res_idx = (idx.gather(2, rank) - s - q_old).clamp(min=0)
+            pad = t >= e.unsqueeze(-1)
+            gi = res_idx.unsqueeze(-1).expand(b, h, e_pad, self.cfg.head_dim)
+            new_k = self._rotate(self.res_k.gather(2, gi), self.key_rotation).masked_fill(pad.unsqueeze(-1), 0.0)
+            new_v = self._rotate(self.res_v.gather(2, gi), self.value_rotation).masked_fill(pad.unsqueeze(-1), 0.0)
+            chunk = QuantizedBody.quantize(self.cfg, new_k, new_v, block=e_pad, exclude=pad)
+            body = chunk if body is None else body.cat(chunk)
+            j = torch.arange(q, device=idx.device)
+            index = torch.where(j < n_body, index, q_old + (j - n_body))
+        return body.take(index)

@@ -1,0 +1,315 @@
+"""QuantizedStorage and KVQuant: segments, exactness, rotation, eviction without re-quantization, bytes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import tiny_model
+
+import kvpress
+from kvpress.attention import attend
+from kvpress.quant import KVQuant, QuantizedStorage, quantize
+from kvpress.quant.packing import packed_words
+from kvpress.storage import AttentionView, DenseStorage
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster than two (and pytest -n 2 already uses both cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _kv(b=2, h=3, n=70, d=16, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(b, h, n, d, generator=g)
+    k[..., 1] *= 6  # an outlier channel
+    v = torch.randn(b, h, n, d, generator=g)
+    return k.to(dtype), v.to(dtype)
+
+
+def _fill(spec, k, v, prefill):
+    st = spec.create_storage(0)
+    st.append(k[:, :, :prefill], v[:, :, :prefill], 0)
+    st.view()
+    for t in range(prefill, k.shape[2]):
+        st.append(k[:, :, t : t + 1], v[:, :, t : t + 1], t)
+        st.view()
+    return st
+
+
+def _unrotated(view: AttentionView):
+    keys, values = view.keys.float(), view.values.float()
+    if view.key_rotation is not None:
+        keys = keys @ view.key_rotation.T
+        values = values @ view.value_rotation.T
+    return keys, values
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_segments_and_body_match_reference_quantizer(rotate, bits):
+    spec = KVQuant(bits=bits, group_size=8, residual=6, n_sink=3, rotate=rotate)
+    k, v = _kv()
+    st = _fill(spec, k, v, prefill=37)
+    seg = st.segment_lengths()
+    assert seg["sink"] == 3
+    assert seg["body"] % 8 == 0 and 6 <= seg["residual"] < 6 + 8
+    assert sum(seg.values()) == 70
+    keys, values = _unrotated(st.view())
+    s, q = seg["sink"], seg["body"]
+    # sinks and residual are exact (up to the float32 rotation round trip)
+    assert torch.allclose(keys[:, :, :s], k[:, :, :s], atol=1e-5)
+    assert torch.allclose(values[:, :, s + q :], v[:, :, s + q :], atol=1e-5)
+    # the body equals the reference quantizer applied to the rotated tokens in groups aligned after the sinks
+    r = st.key_rotation if rotate else torch.eye(16)
+    rv = st.value_rotation if rotate else torch.eye(16)
+    ref_k = quantize(k[:, :, s : s + q] @ r, bits, 8, "channel").dequantize() @ r.T
+    ref_v = quantize(v[:, :, s : s + q] @ rv, bits, 8, "token").dequantize() @ rv.T
+    assert torch.allclose(keys[:, :, s : s + q], ref_k, atol=1e-5)
+    assert torch.allclose(values[:, :, s : s + q], ref_v, atol=1e-5)
+    assert not torch.allclose(keys[:, :, s : s + q], k[:, :, s : s + q], atol=1e-3)  # really quantized
+    assert st.view().positions is None and st.view().valid is None
+    assert torch.equal(st.lengths(), torch.full((2, 3), 70))
+
+
+def test_first_view_after_append_is_exact_then_stored():
+    spec = KVQuant(bits=2, group_size=8, residual=4, n_sink=0, rotate=True)
+    k, v = _kv(n=40)
+    st = spec.create_storage(0)
+    st.append(k, v, 0)
+    first, _ = _unrotated(st.view())
+    second, _ = _unrotated(st.view())
+    assert torch.allclose(first, k, atol=1e-5)
+    assert not torch.allclose(second, k, atol=1e-2)
+    assert st.fresh is None  # the exact copy is gone once attention read it
+    off = KVQuant(bits=2, group_size=8, residual=4, n_sink=0, exact_new_tokens=False).create_storage(0)
+    off.append(k, v, 0)
+    assert torch.allclose(_unrotated(off.view())[0], second, atol=1e-6)
+
+
+def test_rotated_view_attention_equals_unrotated_attention():
+    spec = KVQuant(bits=3, group_size=8, residual=4, rotate=True)
+    k, v = _kv(b=1, h=2, n=50)
+    st = _fill(spec, k, v, prefill=45)
+    view = st.view()
+    r, rv = view.key_rotation, view.value_rotation
+    assert torch.allclose(r @ r.T, torch.eye(16), atol=1e-6)
+    assert torch.allclose(rv @ rv.T, torch.eye(16), atol=1e-6)
+    q = torch.randn(1, 4, 3, 16, generator=torch.Generator().manual_seed(9))  # GQA: 2 query heads per KV head
+    out = attend(q, view, None, 0.25)  # rotates q, un-rotates the output
+    keys, values = _unrotated(view)
+    ref = F.scaled_dot_product_attention(
+        q, keys.repeat_interleave(2, 1), values.repeat_interleave(2, 1), scale=0.25
+    ).transpose(1, 2)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_bytes_and_effective_bits_arithmetic():
+    # 2-bit, G=32, fp16 scale+zero, head_dim 64: 2 + 32/32 = 3 bits per body element for keys and for values
+    spec = KVQuant(bits=2, group_size=32, residual=32, n_sink=4, rotate=False)
+    b, h, n, d = 1, 2, 300, 64
+    k, v = _kv(b, h, n, d)
+    st = spec.create_storage(0)
+    st.append(k, v, 0)
+    st.view()
+    seg = st.segment_lengths()
+    assert seg == {"sink": 4, "body": 256, "residual": 40}
+    per_head_body = seg["body"] * (2 * d * 2 // 8) + seg["body"] // 32 * d * 2 * 2 + seg["body"] * 2 * 2 * 2
+    per_head_fp = (seg["sink"] + seg["residual"]) * d * 2 * 4  # float32 model dtype
+    expected = b * h * (per_head_body + per_head_fp)
+    assert st.nbytes() == expected
+    assert st.nbytes() == sum(t.numel() * t.element_size() for t in st.tensors())
+    assert st.effective_bits() == pytest.approx(8 * expected / (b * h * n * d * 2))
+    assert st.body.k_codes.shape == (1, 2, 256, packed_words(64, 2))
+    assert st.body.k_codes.dtype == torch.int32
+
+
+def test_nbytes_counts_lowrank_outliers_and_owned_rotation():
+    base = dict(bits=2, group_size=16, residual=0, n_sink=0, lowrank_block=32)
+    k, v = _kv(1, 2, 64, 32)
+    plain = KVQuant(**base, rotate=False).create_storage(0)
+    full = KVQuant(**base, rank=2, outlier_fraction=0.05, outlier_reorder=True).create_storage(0)
+    for st in (plain, full):
+        st.append(k, v, 0)
+        st.view()
+    extra_lowrank = 2 * 1 * 2 * (64 * 2 + 2 * 32 * 2) * 2  # K and V: left rows + right per 32-token block, fp16
+    extra_outliers = 2 * 1 * 2 * 64 * 2 * (2 + 1)  # K and V: 2 per row (ceil(0.05*32)), fp16 value + uint8 index
+    extra_rotation = 2 * 32 * 32 * 4  # calibrated per layer: held and counted
+    extra_group_block = 4 * 4  # int32 low-rank block of each of the 4 key groups
+    extra = extra_lowrank + extra_outliers + extra_rotation + extra_group_block
+    assert full.nbytes() == plain.nbytes() + extra
+    shared = KVQuant(**base).create_storage(0)
+    shared.append(k, v, 0)
+    assert not any(t is shared.key_rotation for t in shared.tensors())  # shared constant, not per layer
+
+
+def test_lowrank_and_outliers_reduce_body_error():
+    k, v = _kv(1, 2, 128, 32, seed=3)
+    errs = {}
+    for name, extra in {"plain": {}, "rank": {"rank": 4}, "outliers": {"outlier_fraction": 0.05}}.items():
+        st = KVQuant(bits=2, group_size=16, residual=0, n_sink=0, lowrank_block=64, **extra).create_storage(0)
+        st.append(k, v, 0)
+        st.view()
+        keys, values = _unrotated(st.view())
+        errs[name] = float((keys - k).norm() + (values - v).norm())
+    assert errs["rank"] < 0.97 * errs["plain"]
+    assert errs["outliers"] < 0.95 * errs["plain"]
+
+
+@pytest.mark.parametrize("extra", [{}, {"rank": 2, "lowrank_block": 16}, {"outlier_fraction": 0.1}])
+@pytest.mark.parametrize("equal_counts", [True, False])
+def test_select_keeps_codes_without_requantizing(extra, equal_counts):
+    spec = KVQuant(bits=2, group_size=8, residual=6, n_sink=2, **extra)
+    k, v = _kv(n=60)
+    st = _fill(spec, k, v, prefill=50)
+    before = st.view()
+    seg = st.segment_lengths()
+    g = torch.Generator().manual_seed(1)
+    if equal_counts:
+        keep = torch.zeros(2, 3, 60, dtype=torch.bool)
+        for b in range(2):
+            for h in range(3):
+                keep[b, h, torch.randperm(60, generator=g)[:35]] = True
+    else:
+        keep = torch.rand(2, 3, 60, generator=g) < 0.6
+    new = st.select(keep)
+    view = new.view()
+    assert torch.equal(new.lengths(), keep.sum(-1))
+    valid = view.valid if view.valid is not None else torch.ones(view.keys.shape[:3], dtype=torch.bool)
+    first_residual = seg["sink"] + seg["body"]
+    for b in range(2):
+        for h in range(3):
+            slots = keep[b, h].nonzero().flatten()
+            assert torch.equal(view.positions[b, h][valid[b, h]], slots)
+            got_k = view.keys[b, h][valid[b, h]]
+            got_v = view.values[b, h][valid[b, h]]
+            # sinks and body tokens keep their values: codes are gathered, never redone (a body token moved into
+            # the full-precision sink segment only goes through a float32 rotation round trip)
+            old = slots < first_residual
+            assert (got_k[old] - before.keys[b, h, slots[old]]).abs().max() < 1e-5
+            assert (got_v[old] - before.values[b, h, slots[old]]).abs().max() < 1e-5
+            # residual tokens are exact, or quantized now for the first time (close, not identical)
+            assert torch.allclose(got_k[~old], before.keys[b, h, slots[~old]], atol=1.5)
+    # appending after eviction continues positions and keeps everything consistent
+    new.append(k[:, :, :5], v[:, :, :5], 60)
+    view = new.view()
+    assert view.positions[0, 0, -5:].tolist() == list(range(60, 65))
+    assert torch.equal(new.lengths(), keep.sum(-1) + 5)
+    assert new.nbytes() == sum(t.numel() * t.element_size() for t in new.tensors())
+
+
+def test_select_everything_returns_same_storage_and_repeated_eviction():
+    spec = KVQuant(bits=4, group_size=4, residual=4, n_sink=2)
+    k, v = _kv(n=30)
+    st = _fill(spec, k, v, prefill=20)
+    assert st.select(torch.ones(2, 3, 30, dtype=torch.bool)) is st
+    # a sliding window (StreamingLLM-like): evict the oldest non-sink token at every step
+    for t in range(30, 60):
+        view = st.view()
+        keep = torch.ones(view.keys.shape[:3], dtype=torch.bool)
+        keep[:, :, 2] = False
+        st = st.select(keep)
+        st.append(k[:, :, t % 30 : t % 30 + 1], v[:, :, t % 30 : t % 30 + 1], t)
+    view = st.view()
+    assert view.keys.shape[2] == 30
+    assert view.positions[0, 0, :2].tolist() == [0, 1]
+    assert view.positions[0, 0, 2:].tolist() == list(range(32, 60))
+    # the body's key groups shrank by eviction: held group lengths are tracked, emptied groups dropped
+    body = st.body
+    assert body is not None and body.n_groups <= body.n_tokens // 4 + 2
+
+
+def test_index_batch_reorders_exactly():
+    spec = KVQuant(bits=3, group_size=8, residual=4, rank=2, lowrank_block=16, outlier_fraction=0.05)
+    k, v = _kv(b=3, n=50)
+    st = _fill(spec, k, v, prefill=48)
+    view = st.view()
+    idx = torch.tensor([2, 0, 0])
+    other = st.index_batch(idx).view()
+    assert torch.equal(other.keys, view.keys[idx])
+    assert torch.equal(other.values, view.values[idx])
+    clone = st.clone()
+    assert torch.equal(clone.view().keys, view.keys)
+
+
+def test_key_and_value_bits_and_bf16():
+    spec = KVQuant(bits=4, key_bits=4, value_bits=2, group_size=8, residual=0, n_sink=0, rotate=False)
+    k, v = _kv(n=32, dtype=torch.bfloat16)
+    st = spec.create_storage(0)
+    st.append(k, v, 0)
+    view = st.view()
+    assert view.keys.dtype == torch.bfloat16
+    assert st.body.k_codes.shape[-1] == packed_words(16, 4) and st.body.v_codes.shape[-1] == packed_words(16, 2)
+    keys, values = _unrotated(st.view())
+    assert (keys - k.float()).abs().max() < (values - v.float()).abs().max()
+
+
+def test_config_validation():
+    for bad in (1, 5, 16):
+        with pytest.raises(ValueError, match="bits"):
+            KVQuant(bits=bad)
+    with pytest.raises(ValueError, match="key_bits"):
+        KVQuant(key_bits=6)
+    with pytest.raises(ValueError, match="group_size"):
+        KVQuant(group_size=0)
+    with pytest.raises(ValueError, match="residual"):
+        KVQuant(residual=-1)
+    with pytest.raises(ValueError, match="rank"):
+        KVQuant(rank=-1)
+    with pytest.raises(ValueError, match="rank=40"):
+        KVQuant(rank=40, group_size=32)
+    with pytest.raises(ValueError, match="outlier_fraction"):
+        KVQuant(outlier_fraction=1.0)
+    with pytest.raises(ValueError, match="lowrank_block"):
+        KVQuant(lowrank_block=48, group_size=32, rank=2)
+    st = KVQuant(group_size=12).create_storage(0)
+    with pytest.raises(ValueError, match="group_size=12 must divide head_dim=16"):
+        st.append(*_kv(n=4), 0)
+    st = KVQuant(group_size=8, value_group_size=4).create_storage(0)
+    st.append(*_kv(n=4), 0)  # explicit value groups of 4 channels divide 16
+    assert st.cfg.value_group == 4
+    with pytest.raises(ValueError, match="head_dim=15"):
+        KVQuant(group_size=5).create_storage(0).append(*(t[..., :15] for t in _kv(n=4)), 0)
+
+
+def test_patched_tiny_model_close_to_full_precision_and_smaller():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (2, 70), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        with kvpress.patch(model, KVQuant(bits=8, group_size=8, residual=8)) as session:
+            cache = session.new_cache()
+            outs = [model(ids[:, :50], past_key_values=cache).logits]
+            for t in range(50, 70):
+                outs.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
+        got = torch.cat(outs, dim=1)
+        assert (got - ref).abs().max() < 0.02
+        assert all(isinstance(layer.storage, QuantizedStorage) for layer in cache.layers)
+        with kvpress.patch(model, None) as session:
+            dense = session.new_cache()
+            model(ids, past_key_values=dense)
+        assert isinstance(dense.layers[0].storage, DenseStorage)
+        with kvpress.patch(model, KVQuant(bits=2, group_size=8, residual=8)) as session:
+            small = session.new_cache()
+            model(ids, past_key_values=small)
+        assert small.nbytes() < 0.4 * dense.nbytes()
+
+
+@pytest.mark.parametrize("order", ["evict|quant", "quant|evict"])
+def test_pipeline_with_eviction_policies(order):
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (1, 64), generator=torch.Generator().manual_seed(1))
+    quant = KVQuant(bits=4, group_size=8, residual=8)
+    snap = kvpress.policies.SnapKV(compression_ratio=0.5, window=8)
+    policy = snap | quant if order == "evict|quant" else quant | snap
+    with torch.no_grad(), kvpress.patch(model, policy):
+        out = model.generate(ids, max_new_tokens=6, do_sample=False)
+        cache = model(ids, use_cache=True).past_key_values
+    assert out.shape == (1, 70)
+    assert cache.report()[0].tokens_max == 32
+    assert isinstance(cache.layers[0].storage, QuantizedStorage)
+    with torch.no_grad(), kvpress.patch(model, kvpress.policies.StreamingLLM(n_sink=2, window=16) | quant):
+        out = model.generate(ids, max_new_tokens=20, do_sample=False)
+    assert out.shape == (1, 84)
