@@ -1,0 +1,71 @@
+"""Slow tier: quantized caches on the embedded SmolLM2-135M (float32 on CPU; 30 layers, 3 KV heads, head_dim 64)."""
+
+import pytest
+import torch
+from test_quant_storage import _one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
+
+import kvpress
+from kvpress.quant import KVQuant, QuantizedStorage
+from kvpress.quant.accuracy import cache_perplexity, haystack_text
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("quant_smollm2")]
+
+TOKENS, PREFILL, CHUNK = 768, 384, 16
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return kvpress.load_model()
+
+
+@pytest.fixture(scope="module")
+def text_ids(smollm2):
+    _, tokenizer = smollm2
+    return tokenizer(haystack_text()[: TOKENS * 8], return_tensors="pt").input_ids[:, :TOKENS]
+
+
+@pytest.fixture(scope="module")
+def fp32_perplexity(smollm2, text_ids):
+    return cache_perplexity(smollm2[0], text_ids, PREFILL, CHUNK, policy=None).perplexity
+
+
+def test_4bit_rotated_perplexity_within_1_percent(smollm2, text_ids, fp32_perplexity):
+    quant = cache_perplexity(smollm2[0], text_ids, PREFILL, CHUNK, policy=KVQuant(bits=4, rotate=True))
+    assert quant.perplexity < fp32_perplexity * 1.01, (quant.perplexity, fp32_perplexity)
+    assert quant.kv_bytes > 0 and quant.effective_bits < 16
+
+
+def test_2bit_rotation_lowrank_beats_plain_2bit(smollm2, text_ids, fp32_perplexity):
+    # Same residual window for both (lowrank_block = group_size), so the gain is not a larger exact window.
+    plain = cache_perplexity(smollm2[0], text_ids, PREFILL, CHUNK, policy=KVQuant(bits=2, rotate=False))
+    gear = KVQuant(bits=2, rotate=True, rank=4, lowrank_block=32)
+    better = cache_perplexity(smollm2[0], text_ids, PREFILL, CHUNK, policy=gear)
+    assert fp32_perplexity < better.perplexity < plain.perplexity * 0.97, (better.perplexity, plain.perplexity)
+
+
+@torch.no_grad()
+def test_2bit_cache_bytes_match_effective_bits_arithmetic(smollm2):
+    model, tokenizer = smollm2
+    ids = tokenizer(haystack_text()[:20000], return_tensors="pt").input_ids[:, :2048]
+    assert ids.shape[1] == 2048
+    spec = KVQuant(bits=2, group_size=32, residual=32, n_sink=4, rotate=True)
+    with kvpress.patch(model, spec) as session:
+        cache = session.new_cache()
+        model(ids, past_key_values=cache, use_cache=True)
+    config = model.config
+    layers, heads, d = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+    storage = cache.layers[0].storage
+    assert isinstance(storage, QuantizedStorage)
+    seg = storage.segment_lengths()
+    # 4 sinks, then whole groups of 32 quantized, leaving 32..63 tokens in the residual window
+    assert seg["sink"] == 4 and seg["body"] % 32 == 0 and 32 <= seg["residual"] < 64
+    n_q, n_fp = seg["body"], seg["sink"] + seg["residual"]
+    # bits per element: codes 2 + fp16 scale and zero per group of 32 (keys: 32 tokens; values: 32 channels)
+    body_bits = 2 + 2 * 16 / 32
+    fp_bits = 32  # sinks and residual in the model dtype (float32)
+    expected_bits = (n_q * body_bits + n_fp * fp_bits) / 2048
+    expected_bytes = layers * heads * 2048 * d * 2 * expected_bits / 8
+    assert cache.nbytes() == pytest.approx(expected_bytes, rel=0.02)
+    assert storage.effective_bits() == pytest.approx(expected_bits, rel=0.02)
+    fp16_equivalent = layers * heads * 2048 * d * 2 * 2  # the same tokens held as fp16 K and V
+    assert cache.nbytes() * 4 <= fp16_equivalent
