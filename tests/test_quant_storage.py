@@ -121,6 +121,7 @@ def test_bytes_and_effective_bits_arithmetic():
     expected = b * h * (per_head_body + per_head_fp)
     assert st.nbytes() == expected
     assert st.nbytes() == sum(t.numel() * t.element_size() for t in st.tensors())
+    assert st.storage_nbytes() == st.nbytes()  # no slice pins the appended prefill tensors
     assert st.effective_bits() == pytest.approx(8 * expected / (b * h * n * d * 2))
     assert st.body.k_codes.shape == (1, 2, 256, packed_words(64, 2))
     assert st.body.k_codes.dtype == torch.int32
@@ -198,6 +199,7 @@ def test_select_keeps_codes_without_requantizing(extra, equal_counts):
     assert view.positions[0, 0, -5:].tolist() == list(range(60, 65))
     assert torch.equal(new.lengths(), keep.sum(-1) + 5)
     assert new.nbytes() == sum(t.numel() * t.element_size() for t in new.tensors())
+    assert new.storage_nbytes() == new.nbytes()
 
 
 def test_select_everything_returns_same_storage_and_repeated_eviction():

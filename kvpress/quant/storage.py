@@ -41,7 +41,9 @@ POSITION_DTYPE = torch.int32
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
-    return b if a is None else torch.cat([a, b], dim=2)
+    """``a`` then ``b`` along the token axis, always a new tensor (a slice of the caller's K/V would keep the
+    whole of it alive)."""
+    return b.clone(memory_format=torch.contiguous_format) if a is None else torch.cat([a, b], dim=2)
 
 
 class QuantizedStorage(KVStorage):
