@@ -315,3 +315,11 @@ def test_pipeline_with_eviction_policies(order):
     with torch.no_grad(), kvpress.patch(model, kvpress.policies.StreamingLLM(n_sink=2, window=16) | quant):
         out = model.generate(ids, max_new_tokens=20, do_sample=False)
     assert out.shape == (1, 84)
+
+
+def test_empty_storage():
+    st = KVQuant(bits=4).create_storage(3)
+    assert st.layer_idx == 3
+    assert st.lengths().shape == (0, 0) and st.nbytes() == 0 and st.effective_bits() == 0.0
+    assert st.select(torch.zeros(0, 0, 0, dtype=torch.bool)) is st
+    assert st.index_batch(torch.tensor([0])).nbytes() == 0

@@ -149,6 +149,8 @@ class QuantizedStorage(KVStorage):
         quantized now, for the first time, as new key groups at the end of the body.
         """
         self.fresh = None
+        if self.cfg is None:  # nothing appended yet
+            return self
         if self.valid is not None:
             keep = keep & self.valid
         if (self.valid is None and bool(keep.all())) or (self.valid is not None and torch.equal(keep, self.valid)):
