@@ -44,6 +44,16 @@ class Config:
     params: dict = field(default_factory=dict)
 
 
+def rotation_ablation() -> list[Config]:
+    """Which of keys / values to rotate, at 4 and 2 bits (perplexity only: use with --needle-trials 0)."""
+    out = [Config("fp32 cache", "32")]
+    for bits in (4, 2):
+        for rotate, label in ((False, "no rotation"), ("keys", "rotate keys"), ("values", "rotate values"), (True, "rotate both")):
+            spec = KVQuant(bits=bits, rotate=rotate)
+            out.append(Config(f"kvpress {bits}-bit {label}", str(bits), spec, params=spec.params()))
+    return out
+
+
 def configs() -> list[Config]:
     out = [Config("fp32 cache", "32")]
     for nbits in (4, 2):
@@ -84,7 +94,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     ids = tokenizer(haystack_text()[: args.tokens * 8], return_tensors="pt").input_ids[:, : args.tokens]
     quanto_problem = quanto_available(model.config)
     records = []
-    for cfg in configs():
+    for cfg in rotation_ablation() if args.rotation_ablation else configs():
         if args.only and not any(s in cfg.name for s in args.only):
             continue
         rec: dict[str, Any] = {"name": cfg.name, "bits": cfg.bits, "params": cfg.params}
@@ -103,23 +113,26 @@ def run(args: argparse.Namespace) -> list[dict]:
         t0 = time.perf_counter()
         ppl = cache_perplexity(model, ids, args.prefill, args.chunk, policy=cfg.policy, cache_factory=factory)
         t1 = time.perf_counter()
-        needle = needle_score(model, tokenizer, cfg.policy, factory, n_trials=args.needle_trials,
-                              haystack_tokens=args.needle_tokens)  # fmt: skip
+        needle = None
+        if args.needle_trials:
+            needle = needle_score(model, tokenizer, cfg.policy, factory, n_trials=args.needle_trials,
+                                  haystack_tokens=args.needle_tokens)  # fmt: skip
         t2 = time.perf_counter()
         rec.update(
             effective_bits=round(ppl.effective_bits, 3),
             kv_bytes=ppl.kv_bytes,
             perplexity=round(ppl.perplexity, 4),
             nll=round(ppl.nll, 5),
-            needle_score=needle.accuracy,
-            needle_logprob=round(needle.logprob, 4),
-            needle_answers=needle.answers,
+            needle_score=None if needle is None else needle.accuracy,
+            needle_logprob=None if needle is None else round(needle.logprob, 4),
+            needle_answers=None if needle is None else needle.answers,
             seconds_perplexity=round(t1 - t0, 1),
             seconds_needle=round(t2 - t1, 1),
         )
         records.append(rec)
+        needle_text = "-" if needle is None else f"{needle.accuracy:.2f} ({needle.logprob:+.3f})"
         print(f"{cfg.name:46s} bits={cfg.bits:5s} eff={ppl.effective_bits:6.2f} ppl={ppl.perplexity:8.3f} "
-              f"needle={needle.accuracy:.2f} ({needle.logprob:+.3f})  [{t2 - t0:.0f}s]", flush=True)  # fmt: skip
+              f"needle={needle_text}  [{t2 - t0:.0f}s]", flush=True)  # fmt: skip
     return records
 
 
@@ -127,7 +140,9 @@ def table(records: list[dict], setup: dict) -> str:
     lines = [
         f"SmolLM2-135M (float32, CPU), {setup['tokens']} tokens of pydoc_data.topics: prefill {setup['prefill']}, "
         f"then chunks of {setup['chunk']} through the cache ({setup['tokens'] - setup['prefill']} scored); "
-        f"needle: {setup['needle_trials']} trials, {setup['needle_tokens']}-token haystack.",
+        f"needle: {setup['needle_trials']} trials, {setup['needle_tokens']}-token haystack."
+        if setup["needle_trials"]
+        else "no needle.",
         "",
         "| config | bits | effective bits | KV bytes | perplexity | needle acc | needle logprob |",
         "|---|---|---|---|---|---|---|",
@@ -136,9 +151,10 @@ def table(records: list[dict], setup: dict) -> str:
         if "error" in r:
             lines.append(f"| {r['name']} | {r['bits']} | - | - | - | - | {r['error']} |")
             continue
+        needle = "| - | - |" if r["needle_score"] is None else f"| {r['needle_score']:.2f} | {r['needle_logprob']:+.3f} |"
         lines.append(
             f"| {r['name']} | {r['bits']} | {r['effective_bits']:.2f} | {r['kv_bytes']:,} | {r['perplexity']:.3f} "
-            f"| {r['needle_score']:.2f} | {r['needle_logprob']:+.3f} |"
+            + needle
         )
     return "\n".join(lines)
 
@@ -150,14 +166,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, help="text tokens for perplexity (default 1536, quick 768)")
     parser.add_argument("--prefill", type=int, help="tokens in the first forward (default half of --tokens)")
     parser.add_argument("--chunk", type=int, default=16, help="tokens per forward after the prefill")
-    parser.add_argument("--needle-trials", type=int, help="needle trials (default 6, quick 2)")
+    parser.add_argument("--needle-trials", type=int, help="needle trials (default 6, quick 2; 0 skips the needle)")
     parser.add_argument("--needle-tokens", type=int, help="haystack tokens (default 800, quick 400)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--only", nargs="*", help="run only configs whose name contains one of these strings")
+    parser.add_argument("--rotation-ablation", action="store_true",
+                        help="instead of the main list: 4- and 2-bit with no / key / value / both rotations")  # fmt: skip
     args = parser.parse_args(argv)
     args.tokens = args.tokens or (768 if args.quick else 1536)
     args.prefill = args.prefill or args.tokens // 2
-    args.needle_trials = args.needle_trials or (2 if args.quick else 6)
+    if args.needle_trials is None:
+        args.needle_trials = 2 if args.quick else 6
     args.needle_tokens = args.needle_tokens or (400 if args.quick else 800)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()

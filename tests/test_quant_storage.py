@@ -74,6 +74,28 @@ def test_segments_and_body_match_reference_quantizer(rotate, bits):
     assert torch.equal(st.lengths(), torch.full((2, 3), 70))
 
 
+@pytest.mark.parametrize("rotate", ["keys", "values"])
+def test_rotate_only_keys_or_values(rotate):
+    spec = KVQuant(bits=2, group_size=8, residual=4, rotate=rotate)
+    k, v = _kv(b=1, h=2, n=40)
+    st = _fill(spec, k, v, prefill=36)
+    view = st.view()
+    assert (view.key_rotation is None) == (rotate == "values")
+    assert (view.value_rotation is None) == (rotate == "keys")
+    q = torch.randn(1, 2, 2, 16, generator=torch.Generator().manual_seed(2))
+    keys, values = _unrotated(
+        AttentionView(
+            view.keys, view.values, None, None,
+            view.key_rotation if view.key_rotation is not None else torch.eye(16),
+            view.value_rotation if view.value_rotation is not None else torch.eye(16),
+        )
+    )  # fmt: skip
+    ref = F.scaled_dot_product_attention(q, keys, values, scale=0.25).transpose(1, 2)
+    assert torch.allclose(attend(q, view, None, 0.25), ref, atol=1e-5)
+    with pytest.raises(ValueError, match="rotate"):
+        KVQuant(rotate="both")
+
+
 def test_first_view_after_append_is_exact_then_stored():
     spec = KVQuant(bits=2, group_size=8, residual=4, n_sink=0, rotate=True)
     k, v = _kv(n=40)

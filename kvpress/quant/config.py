@@ -41,7 +41,8 @@ class KVQuant:
         bits: code width for keys and values (2, 3, 4 or 8); ``key_bits`` / ``value_bits`` override it.
         group_size: G, tokens per key group (per-channel scale and zero) and the default value group.
         residual: R, most recent tokens kept in full precision (the window holds R to R + F - 1 tokens).
-        rotate: store keys and values Hadamard-rotated (random signs from ``seed``).
+        rotate: store keys and values Hadamard-rotated (random signs from ``seed``); ``"keys"`` or
+            ``"values"`` rotates only that one.
         outlier_reorder: calibrate a channel permutation per layer from its first keys/values before the
             Hadamard (matters only for block-diagonal rotations, see ``rotation_block``).
         n_sink: the first ``n_sink`` tokens stay in full precision.
@@ -62,7 +63,7 @@ class KVQuant:
     bits: int = 4
     group_size: int = 32
     residual: int = 128
-    rotate: bool = True
+    rotate: bool | str = True
     outlier_reorder: bool = False
     n_sink: int = 4
     rank: int = 0
@@ -81,6 +82,8 @@ class KVQuant:
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
+        if self.rotate not in (True, False, "keys", "values"):
+            raise ValueError(f"rotate must be True, False, 'keys' or 'values', got {self.rotate!r}")
         for name in ("key_bits", "value_bits"):
             if getattr(self, name) is not None:
                 check_bits(getattr(self, name), name)

@@ -240,6 +240,10 @@ class QuantizedStorage(KVStorage):
             self.key_rotation, self.value_rotation, self.rotation_owned = spec.rotations(
                 d, keys.device, keys if spec.outlier_reorder else None, values if spec.outlier_reorder else None
             )
+            if spec.rotate == "values":
+                self.key_rotation = None
+            elif spec.rotate == "keys":
+                self.value_rotation = None
 
     @staticmethod
     def _rotate(x: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
