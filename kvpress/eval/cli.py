@@ -1,0 +1,145 @@
+"""``kvpress eval``: RULER-style synthetic tasks and the needle grid through compressed caches.
+
+    kvpress eval --list
+    kvpress eval niah_single_noise --policy snapkv --compression-ratio 0.25 0.5 0.75 --lengths 1024 --samples 5
+    kvpress eval niah-grid --haystack prose --lengths 512 1024 2048 --depths 0 0.25 0.5 0.75 1
+    kvpress eval vt --policy snapkv streaming_llm --compression-ratio 0.5 --mode query-aware
+
+Each run writes a directory (``--out``, default ``runs/<task>-<time>``) with samples.jsonl, metrics.json,
+summary.csv, summary.md, config.json and plots; see kvpress/eval/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+GRID = "niah-grid"
+GRID_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
+GRID_LENGTHS = [512, 1024, 2048]
+
+
+def _param(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip().replace("-", "_"), value
+
+
+def _depth(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"depth must be in [0, 1], got {text}")
+    return value
+
+
+def add_subcommand(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="synthetic long-context tasks (needles, variable tracking, word extraction) under compression",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("task", nargs="?", help=f"task name (see --list) or {GRID!r}")
+    p.add_argument("--list", action="store_true", help="list the tasks, one per line, and exit")
+    p.add_argument("--model", default="smollm2-135m", help="embedded model name, local path or hub id")
+    p.add_argument("--policy", nargs="+", default=["snapkv"], help="policy names (kvpress.policies); none = full")
+    p.add_argument("--compression-ratio", nargs="+", type=float, default=[0.25, 0.5, 0.75], metavar="R",
+                   help="fractions of the first forward's tokens evicted (StreamingLLM: mapped to its window)")
+    p.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE",
+                   help="fixed policy parameter, e.g. window=32 (repeatable)")
+    p.add_argument("--lengths", nargs="+", type=int, default=None, metavar="L",
+                   help=f"prompt + answer budget in model tokens (default 1024; {GRID}: {GRID_LENGTHS})")
+    p.add_argument("--depths", nargs="+", type=_depth, default=None, metavar="D",
+                   help=f"needle depths in [0, 1] (default: random per sample; {GRID}: {GRID_DEPTHS})")
+    p.add_argument("--samples", type=int, default=None, help="samples per length (x depth) (default 5; grid 1)")
+    p.add_argument("--mode", choices=("query-agnostic", "query-aware"), default="query-agnostic",
+                   help="query-agnostic: the context is compressed before the question is seen")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="run directory (default runs/<task>-<YYYYmmdd-HHMMSS>)")
+    p.add_argument("--haystack", choices=("noise", "prose", "needles"), default="noise",
+                   help=f"{GRID} only: the haystack of the single needle")
+    p.add_argument("--haystack-file", default=None, help="text file for prose haystacks (default: pydoc topics)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the uncompressed reference run")
+    p.add_argument("--no-fanout", action="store_true", help="prefill separately for every ratio (slower)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=run)
+
+
+def list_tasks() -> list[str]:
+    from kvpress.eval.tasks import TASKS
+
+    lines = []
+    width = max(len(name) for name in [*TASKS, GRID])
+    for name, factory in TASKS.items():
+        lines.append(f"{name:<{width}}  {factory().description}")
+    lines.append(f"{GRID:<{width}}  single-needle grid, lengths x depths, heatmap per configuration (--haystack)")
+    return lines
+
+
+def resolve(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's resolved settings (defaults filled in), as recorded in config.json."""
+    grid = args.task == GRID
+    task = f"niah_single_{args.haystack}" if grid else args.task.lower().replace("-", "_")
+    return {
+        "command": "eval",
+        "task": task,
+        "grid": grid,
+        "model": args.model,
+        "policies": args.policy,
+        "compression_ratios": args.compression_ratio,
+        "params": dict(args.param),
+        "lengths": args.lengths or (GRID_LENGTHS if grid else [1024]),
+        "depths": args.depths or (GRID_DEPTHS if grid else None),
+        "samples": args.samples or (1 if grid else 5),
+        "mode": args.mode,
+        "seed": args.seed,
+        "haystack_file": args.haystack_file,
+        "baseline": not args.no_baseline,
+        "fanout": not args.no_fanout,
+        "device": args.device,
+        "out": args.out or f"runs/{'niah-grid-' + args.haystack if grid else task}-{time.strftime('%Y%m%d-%H%M%S')}",
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list:
+        print("\n".join(list_tasks()))
+        return 0
+    if not args.task:
+        print("kvpress eval: give a task (see kvpress eval --list)")
+        return 2
+    from kvpress.eval.tasks import get_task
+
+    cfg = resolve(args)
+    task = get_task(cfg["task"], haystack_file=cfg["haystack_file"])  # fail on a bad name before loading a model
+    import torch
+    import transformers
+
+    import kvpress
+    from kvpress.eval.runner import evaluate, sweep
+    from kvpress.models import load_model
+
+    specs = sweep(cfg["policies"], cfg["compression_ratios"], cfg["params"], baseline=cfg["baseline"])
+    for spec in specs:
+        spec.build(max(cfg["lengths"]))  # unknown policies or parameters fail now, not after a prefill
+    model, tokenizer = load_model(cfg["model"], device=cfg["device"])
+    cfg["configurations"] = [spec.label for spec in specs]
+    cfg["versions"] = {"kvpress": kvpress.__version__, "torch": torch.__version__,
+                       "transformers": transformers.__version__}
+    cfg["torch_threads"] = torch.get_num_threads()
+    result = evaluate(
+        model, tokenizer, task, specs, cfg["lengths"], cfg["samples"], depths=cfg["depths"], mode=cfg["mode"],
+        seed=cfg["seed"], fanout=cfg["fanout"], model_name=cfg["model"], out_dir=cfg["out"], config=cfg,
+        progress=not args.no_progress,
+    )
+    print((result.out_dir / "summary.md").read_text(encoding="utf-8"))
+    print(f"results in {result.out_dir}/: " + ", ".join(f.name for f in result.files))
+    return 0

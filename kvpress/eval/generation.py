@@ -1,0 +1,193 @@
+"""Running one prompt through a (compressed) cache: prefill, then greedy decoding.
+
+Two evaluation modes (see :mod:`kvpress.eval.tasks.base` for the two prompt pieces):
+
+* ``query-agnostic`` (default): the context alone is the first forward, so a prefill policy compresses it
+  without seeing the question; the question and the answer then run through the compressed cache.
+* ``query-aware``: context and question form the first (compressed) forward.
+
+Fan-out: a :class:`~kvpress.policies.ScorePolicy` that compresses only at prefill scores tokens independently
+of its ratio, so :func:`run_fanout` prefills once with a :class:`ScoreRecorder` (which records each layer's
+scores and evicts nothing), then for every ratio clones the cache and keeps each layer's top-k, exactly as
+the policy's own ``select`` would have.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+import kvpress
+from kvpress.context import LayerContext
+from kvpress.policies import Policy, ScorePolicy, keep_topk
+
+MODES = ("query-agnostic", "query-aware")
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    text: str
+    kv_bytes: int  # bytes held right after the compressed (first) forward
+    kv_bytes_end: int  # bytes held after the answer was generated
+    seconds: float  # wall time of this configuration: its prefill included, except a shared (fan-out) one
+    prefill_seconds: float  # time of the first forward (shared by every configuration under fan-out)
+    fanout: bool = False
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """Token ids that end an answer: EOS of the tokenizer and generation config, and the chat end-of-turn."""
+    ids: set[int] = set()
+    for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(int(v) for v in value)
+    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
+        if isinstance(tid, int):
+            ids.add(tid)
+    return ids
+
+
+@torch.no_grad()
+def forward_last(model, ids: Sequence[int], cache) -> torch.Tensor:
+    """Run ``ids`` through ``cache``; logits of the last position only."""
+    device = model.device
+    out = model(
+        input_ids=torch.tensor([list(ids)], device=device), past_key_values=cache, use_cache=True, logits_to_keep=1
+    )
+    return out.logits[0, -1]
+
+
+@torch.no_grad()
+def greedy_decode(model, cache, logits: torch.Tensor, max_new_tokens: int, stop_ids: set[int]) -> list[int]:
+    """Greedy continuation from ``logits`` (the next-token logits) through ``cache``."""
+    tokens: list[int] = []
+    for step in range(max_new_tokens):
+        token = int(logits.argmax())
+        if token in stop_ids:
+            break
+        tokens.append(token)
+        if step + 1 < max_new_tokens:
+            logits = forward_last(model, [token], cache)
+    return tokens
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def first_forward_ids(prefix_ids: Sequence[int], suffix_ids: Sequence[int], mode: str) -> list[int]:
+    """The tokens of the first (compressed) forward in ``mode``."""
+    _check_mode(mode)
+    return list(prefix_ids) + (list(suffix_ids) if mode == "query-aware" else [])
+
+
+def _finish(model, tokenizer, cache, logits, suffix_ids, mode, max_new_tokens, stop_ids, kv_bytes, t0, prefill_s, fanout):
+    if mode == "query-agnostic":
+        logits = forward_last(model, suffix_ids, cache)
+    tokens = greedy_decode(model, cache, logits, max_new_tokens, stop_ids)
+    text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    return Generation(tokens, text, kv_bytes, cache.nbytes(), time.perf_counter() - t0, prefill_s, fanout)
+
+
+def run_direct(model, tokenizer, policy: Any, prefix_ids, suffix_ids, mode: str, max_new_tokens: int) -> Generation:
+    """Evaluate one prompt under ``kvpress.patch(model, policy)`` (``policy=None``: uncompressed)."""
+    stop_ids = stop_token_ids(model, tokenizer)
+    first = first_forward_ids(prefix_ids, suffix_ids, mode)
+    with kvpress.patch(model, policy) as session:
+        cache = session.new_cache()
+        t0 = time.perf_counter()
+        logits = forward_last(model, first, cache)
+        prefill_s = time.perf_counter() - t0
+        kv_bytes = cache.nbytes()
+        return _finish(model, tokenizer, cache, logits, suffix_ids, mode, max_new_tokens, stop_ids, kv_bytes, t0,
+                       prefill_s, False)
+
+
+# ---------------------------------------------------------------------------------------------------- fan-out
+def supports_fanout(policy: Any) -> bool:
+    """True for a :class:`ScorePolicy` that evicts only at prefill, through the base class's top-k rule."""
+    return (
+        isinstance(policy, ScorePolicy)
+        and not policy.every_chunk
+        and type(policy).select is ScorePolicy.select
+        and type(policy).applies_to is ScorePolicy.applies_to
+    )
+
+
+def fanout_key(policy: Any) -> tuple | None:
+    """Policies with equal keys score tokens identically (they differ only in ratio or budget)."""
+    if not supports_fanout(policy):
+        return None
+    params = {k: v for k, v in policy.params().items() if k not in ("compression_ratio", "budget")}
+    return (type(policy), tuple(sorted((k, repr(v)) for k, v in params.items())))
+
+
+class ScoreRecorder(Policy):
+    """Wraps a fan-out-capable policy: at prefill it records the policy's scores per layer and keeps
+    everything; in later phases it defers to :attr:`active` (the configuration being continued)."""
+
+    name = "score_recorder"
+
+    def __init__(self, scorer: ScorePolicy):
+        if not supports_fanout(scorer):
+            raise ValueError(f"{scorer!r} cannot be fanned out")
+        self.scorer = scorer
+        self.scores: dict[int, torch.Tensor] = {}
+        self.active: Policy | None = None
+
+    def select(self, ctx: LayerContext) -> torch.Tensor | None:
+        if ctx.phase == "prefill":
+            scores = self.scorer.score(ctx).float().masked_fill(~ctx.key_valid, float("-inf"))
+            self.scores[ctx.layer_idx] = scores
+            return None
+        return None if self.active is None else self.active.select(ctx)
+
+
+def apply_scores(cache, scores: dict[int, torch.Tensor], policy: ScorePolicy | None) -> None:
+    """Evict from ``cache`` what ``policy`` would have evicted at prefill, given the recorded ``scores``."""
+    if policy is None:
+        return
+    for layer_idx, layer_scores in scores.items():
+        n_cached = layer_scores.shape[-1]
+        n_keep = policy.n_keep(n_cached)
+        if n_keep < n_cached:
+            cache.layers[layer_idx].keep(keep_topk(layer_scores, n_keep))
+
+
+def run_fanout(
+    model, tokenizer, policies: Sequence[ScorePolicy | None], prefix_ids, suffix_ids, mode: str, max_new_tokens: int
+) -> list[Generation]:
+    """Evaluate one prompt under several configurations of one scoring policy (``None`` = uncompressed)
+    with a single prefill. The results equal :func:`run_direct` for each policy."""
+    scorers = [p for p in policies if p is not None]
+    if not scorers:
+        raise ValueError("fan-out needs at least one scoring policy")
+    keys = {fanout_key(p) for p in scorers}
+    if None in keys or len(keys) != 1:
+        raise ValueError("fan-out policies must be prefill ScorePolicies differing only in ratio or budget")
+    stop_ids = stop_token_ids(model, tokenizer)
+    recorder = ScoreRecorder(scorers[0])
+    first = first_forward_ids(prefix_ids, suffix_ids, mode)
+    results = []
+    with kvpress.patch(model, recorder) as session:
+        full = session.new_cache()
+        t0 = time.perf_counter()
+        logits = forward_last(model, first, full)
+        prefill_s = time.perf_counter() - t0
+        for i, policy in enumerate(policies):
+            t0 = time.perf_counter()
+            cache = full if i == len(policies) - 1 else full.clone()  # the last one may consume the original
+            apply_scores(cache, recorder.scores, policy)
+            recorder.active = policy
+            results.append(
+                _finish(model, tokenizer, cache, logits, suffix_ids, mode, max_new_tokens, stop_ids, cache.nbytes(),
+                        t0, prefill_s, True)
+            )
+    return results

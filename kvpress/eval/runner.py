@@ -1,0 +1,300 @@
+"""The evaluation loop: tasks x lengths x depths x samples x policy configurations -> records and metrics.
+
+One record per (sample, configuration); see ``kvpress/eval/README.md`` for the record and metrics schemas.
+Configurations that differ only in the ratio of one prefill :class:`~kvpress.policies.ScorePolicy` (and the
+uncompressed baseline) share one prefill per sample (fan-out, :func:`kvpress.eval.generation.run_fanout`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from kvpress.eval.generation import Generation, fanout_key, first_forward_ids, run_direct, run_fanout
+from kvpress.eval.scoring import score as score_prediction
+from kvpress.eval.tasks import Task
+from kvpress.policies import get_policy
+
+SCHEMA_VERSION = 1
+# Policies without a compression_ratio parameter, and how a ratio maps onto their own parameters given the
+# number of tokens of the first (compressed) forward.
+RATIO_ADAPTERS = {
+    "streaming_llm": lambda ratio, n_tokens, params: {
+        "window": max(1, round(n_tokens * (1.0 - ratio)) - int(params.get("n_sink", 4)))
+    },
+}
+
+
+def _canonical(name: str) -> str:
+    return name.lower().replace("-", "_")
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """One configuration of the sweep: a registry policy name, fixed parameters, and a compression ratio."""
+
+    name: str
+    params: tuple[tuple[str, Any], ...] = ()
+    compression_ratio: float | None = None
+
+    @property
+    def is_baseline(self) -> bool:
+        return _canonical(self.name) in ("none", "full")
+
+    @property
+    def label(self) -> str:
+        if self.is_baseline:
+            return "none"
+        parts = [f"{k}={v}" for k, v in self.params]
+        if self.compression_ratio is not None:
+            parts.insert(0, f"r={self.compression_ratio:g}")
+        return f"{_canonical(self.name)}({', '.join(parts)})" if parts else _canonical(self.name)
+
+    def parameters(self) -> dict[str, Any]:
+        out = dict(self.params)
+        if self.compression_ratio is not None:
+            out["compression_ratio"] = self.compression_ratio
+        return out
+
+    def build(self, n_tokens: int) -> Any:
+        """The policy for a prompt whose first forward has ``n_tokens`` tokens (``None`` for the baseline)."""
+        params = dict(self.params)
+        if self.compression_ratio is not None:
+            adapter = RATIO_ADAPTERS.get(_canonical(self.name))
+            params.update(
+                adapter(self.compression_ratio, n_tokens, params) if adapter
+                else {"compression_ratio": self.compression_ratio}
+            )
+        return get_policy(self.name, **params)
+
+
+def sweep(policies: Sequence[str], ratios: Sequence[float] | None, params: dict[str, Any] | None = None,
+          baseline: bool = True) -> list[PolicySpec]:
+    """Configurations for every policy x ratio (plus the uncompressed baseline first, once)."""
+    fixed = tuple(sorted((params or {}).items()))
+    specs: list[PolicySpec] = [PolicySpec("none")] if baseline else []
+    for name in policies:
+        if _canonical(name) in ("none", "full"):
+            if not baseline:
+                specs.append(PolicySpec("none"))
+            continue
+        for ratio in ratios or [None]:
+            specs.append(PolicySpec(name, fixed, ratio))
+    return specs
+
+
+@dataclass
+class EvalResult:
+    records: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    out_dir: Path | None = None
+    files: list[Path] = field(default_factory=list)
+
+
+def _plan(policies: Sequence[Any], fanout: bool) -> list[list[int]]:
+    """Groups of configuration indices that share one prefill (singletons run directly)."""
+    if not fanout:
+        return [[i] for i in range(len(policies))]
+    groups: dict[Any, list[int]] = defaultdict(list)
+    for i, policy in enumerate(policies):
+        key = None if policy is None else fanout_key(policy)
+        if key is not None:
+            groups[key].append(i)
+    baseline = [i for i, policy in enumerate(policies) if policy is None]
+    plan: list[list[int]] = []
+    for members in groups.values():
+        if baseline and not plan:  # the uncompressed run rides along with the first fan-out group
+            members = baseline + members
+        if len(members) > 1:
+            plan.append(sorted(members))
+    grouped = {i for members in plan for i in members}
+    return plan + [[i] for i in range(len(policies)) if i not in grouped]
+
+
+def run_sample(model, tokenizer, sample, specs: Sequence[PolicySpec], mode: str, fanout: bool = True) -> list[tuple[PolicySpec, Any, Generation]]:
+    """Every configuration on one sample: ``(spec, policy, generation)`` in the order of ``specs``."""
+    n_first = len(first_forward_ids(sample.prefix_ids, sample.suffix_ids, mode))
+    policies = [spec.build(n_first) for spec in specs]
+    out: dict[int, Generation] = {}
+    for group in _plan(policies, fanout):
+        if len(group) == 1:
+            i = group[0]
+            out[i] = run_direct(model, tokenizer, policies[i], sample.prefix_ids, sample.suffix_ids, mode,
+                                sample.max_new_tokens)
+        else:
+            gens = run_fanout(model, tokenizer, [policies[i] for i in group], sample.prefix_ids, sample.suffix_ids,
+                              mode, sample.max_new_tokens)
+            out.update(zip(group, gens))
+    return [(spec, policies[i], out[i]) for i, spec in enumerate(specs)]
+
+
+def make_record(sample, spec: PolicySpec, policy: Any, gen: Generation, mode: str, model_name: str) -> dict[str, Any]:
+    return {
+        "task": sample.task,
+        "length": sample.length,
+        "depth": sample.depth,
+        "index": sample.index,
+        "seed": sample.seed,
+        "mode": mode,
+        "model": model_name,
+        "label": spec.label,
+        "policy": "none" if spec.is_baseline else _canonical(spec.name),
+        "compression_ratio": spec.compression_ratio,
+        "parameters": policy.params() if hasattr(policy, "params") else {},
+        "prompt_tokens": sample.prompt_tokens,
+        "context_tokens": sample.context_tokens,
+        "haystack_units": sample.haystack_units,
+        "prediction": gen.text,
+        "gold": sample.references,
+        "metric": sample.metric,
+        "score": score_prediction(gen.text, sample.references, sample.metric),
+        "empty": not gen.text.strip(),
+        "kv_bytes": gen.kv_bytes,
+        "kv_bytes_end": gen.kv_bytes_end,
+        "seconds": round(gen.seconds, 4),
+        "prefill_seconds": round(gen.prefill_seconds, 4),
+        "fanout": gen.fanout,
+    }
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _pct(values: Sequence[float]) -> float | None:
+    m = _mean(values)
+    return None if m is None else round(100.0 * m, 2)
+
+
+def _key(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def summarize(records: Sequence[dict[str, Any]], specs: Sequence[PolicySpec]) -> list[dict[str, Any]]:
+    """One metrics entry per configuration (scores x100; KV bytes averaged over samples)."""
+    baseline_bytes = {
+        (r["length"], r["depth"], r["index"]): r["kv_bytes"] for r in records if r["policy"] == "none"
+    }
+    entries = []
+    for spec in specs:
+        rows = [r for r in records if r["label"] == spec.label]
+        by_length: dict[str, list[float]] = defaultdict(list)
+        by_depth: dict[str, list[float]] = defaultdict(list)
+        grid: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        fractions = []
+        for r in rows:
+            by_length[_key(r["length"])].append(r["score"])
+            if r["depth"] is not None:
+                by_depth[_key(r["depth"])].append(r["score"])
+                grid[_key(r["depth"])][_key(r["length"])].append(r["score"])
+            full = baseline_bytes.get((r["length"], r["depth"], r["index"]))
+            if full:
+                fractions.append(r["kv_bytes"] / full)
+        # A record's seconds include its own prefill, except under fan-out where the prefill is shared: add it
+        # back, so each entry's seconds are what the configuration would cost alone.
+        seconds = sum(r["seconds"] + (r["prefill_seconds"] if r["fanout"] else 0.0) for r in rows)
+        entries.append({
+            "label": spec.label,
+            "policy": "none" if spec.is_baseline else _canonical(spec.name),
+            "parameters": spec.parameters(),
+            "compression_ratio": spec.compression_ratio,
+            "score": _pct([r["score"] for r in rows]),
+            "per_length": {k: _pct(v) for k, v in by_length.items()},
+            "per_depth": {k: _pct(v) for k, v in by_depth.items()} or None,
+            "grid": {d: {k: _pct(v) for k, v in row.items()} for d, row in grid.items()} or None,
+            "n_samples": len(rows),
+            "empty_answers": sum(r["empty"] for r in rows),
+            "kv_bytes": _mean([r["kv_bytes"] for r in rows]),
+            "kv_bytes_end": _mean([r["kv_bytes_end"] for r in rows]),
+            "kv_fraction": None if not fractions else round(_mean(fractions), 4),
+            "seconds": round(seconds, 3),
+            "prefill_seconds": round(sum(r["prefill_seconds"] for r in rows), 3),
+            "mean_prompt_tokens": _mean([r["prompt_tokens"] for r in rows]),
+        })
+    return entries
+
+
+def evaluate(
+    model,
+    tokenizer,
+    task: Task,
+    specs: Sequence[PolicySpec],
+    lengths: Sequence[int],
+    samples: int,
+    *,
+    depths: Sequence[float] | None = None,
+    mode: str = "query-agnostic",
+    seed: int = 0,
+    fanout: bool = True,
+    model_name: str = "",
+    out_dir: str | Path | None = None,
+    config: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Run ``task`` for every length (x depth) x sample under every configuration in ``specs``.
+
+    With ``out_dir`` the per-sample JSONL is written as the run goes, then metrics, summaries, the resolved
+    configuration and plots (see :func:`kvpress.eval.results.write_run`).
+    """
+    from kvpress.eval.results import RecordWriter, write_run
+
+    if depths and not task.uses_depth:
+        raise ValueError(f"task {task.name!r} places no needle: depths do not apply")
+    if samples < 1 or not lengths or not specs:
+        raise ValueError("need samples >= 1, at least one length and one configuration")
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"duplicate configurations: {labels}")
+    cells = [(length, depth) for length in lengths for depth in (depths or [None])]
+    writer = RecordWriter(out_dir) if out_dir is not None else None
+    records: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    bar = _progress(total=len(cells) * samples, enabled=progress, desc=task.name)
+    try:
+        for length, depth in cells:
+            for index in range(samples):
+                sample = task.make_sample(tokenizer, length, seed=seed, index=index, depth=depth)
+                for spec, policy, gen in run_sample(model, tokenizer, sample, specs, mode, fanout):
+                    record = make_record(sample, spec, policy, gen, mode, model_name)
+                    records.append(record)
+                    if writer:
+                        writer.write(record)
+                bar.update(1)
+                base = [r["score"] for r in records if r["label"] == labels[0]]
+                bar.set_postfix_str(f"{labels[0]}={100 * _mean(base):.0f} L={length}")
+    finally:
+        bar.close()
+        if writer:
+            writer.close()
+    seconds = time.perf_counter() - started
+    metrics = {
+        "schema_version": SCHEMA_VERSION,
+        "task": task.name,
+        "task_config": task.config(),
+        "model": model_name,
+        "mode": mode,
+        "seed": seed,
+        "lengths": list(lengths),
+        "depths": list(depths) if depths else None,
+        "samples": samples,
+        "fanout": fanout,
+        "policies": list(dict.fromkeys("none" if s.is_baseline else _canonical(s.name) for s in specs)),
+        "baseline": "none" if any(s.is_baseline for s in specs) else None,
+        "entries": summarize(records, specs),
+        "seconds": round(seconds, 2),
+    }
+    result = EvalResult(records, metrics)
+    if out_dir is not None:
+        result.out_dir = Path(out_dir)
+        result.files = write_run(out_dir, records, metrics, {**(config or {}), "task_config": task.config()})
+    return result
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="sample", dynamic_ncols=True, leave=True)
+
