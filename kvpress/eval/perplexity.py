@@ -1,0 +1,395 @@
+"""Perplexity measured *through* a (compressed) KV cache.
+
+Eviction changes what the model attends to, so the only faithful perplexity for an evicting cache is teacher
+forcing through that cache (StreamingLLM's protocol): feed the text, score each next token from the logits the
+model produced while reading the cache as it was held at that moment. Two modes:
+
+``token``
+    Optionally prefill a first chunk of ``prefill`` tokens in one forward (scored), then feed one token per
+    forward and score the next. A policy that evicts at every forward (StreamingLLM) keeps the cache bounded,
+    so this runs to arbitrarily long texts in bounded memory. No attention mask is passed (the model derives
+    positions from the cache) and only the per-step logits are kept, so a step costs the same at token
+    100 000 as at token 1000 once the cache is full.
+``chunked``
+    Feed ``chunk_size`` (C) tokens per forward, score all C next-token predictions of the chunk, let the policy
+    compress, continue. Each chunk attends to the compressed past plus itself, uncompressed. Score policies
+    (SnapKV, ...) are built with ``every_chunk=True`` so they compress after every chunk, not only the first.
+
+Both modes score the same tokens: every token of the text but the first (``tokens_scored = N - 1``), so a
+compressed run and a full-cache run on the same text are directly comparable.
+
+KV bytes: ``peak_kv_bytes`` is the maximum of the bytes the cache holds *between forwards*, read every
+``kv_check_every`` forwards, after the first forward and after the last one. For a growing cache the peak is
+the final value; for a bounded cache (StreamingLLM) the size is constant once the window filled, so the
+sampled maximum is the true one. Transient buffers inside a forward (attention scores, the new tokens before
+eviction) are not counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+MODES = ("token", "chunked")
+DEFAULT_TEXT_SOURCE = "pydoc_data.topics"
+
+
+# --------------------------------------------------------------------------------------------------- text
+
+
+def default_text() -> str:
+    """The standard library's own prose: every ``pydoc`` help topic, joined (~465k characters, ~110k tokens).
+
+    Ships with every CPython, so it is available offline and identical across machines of one Python version.
+    """
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics.values())
+
+
+def load_text(path: str | Path | None = None) -> tuple[str, str]:
+    """``(text, source label)``: the file at ``path`` (UTF-8), or :func:`default_text` when ``None``."""
+    if path is None:
+        return default_text(), DEFAULT_TEXT_SOURCE
+    return Path(path).read_text(encoding="utf-8", errors="replace"), str(path)
+
+
+def tokenize_text(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
+    """``[1, N]`` token ids of ``text`` (no special tokens added), cut to the first ``max_tokens``.
+
+    With ``max_tokens`` only a prefix of the text is tokenized (grown until long enough), so a cap on a
+    huge file does not tokenize the whole file.
+    """
+    if max_tokens is not None and max_tokens < 2:
+        raise ValueError(f"max_tokens must be >= 2 (one token to read, one to predict), got {max_tokens}")
+    n_chars = len(text) if max_tokens is None else min(len(text), 8 * max_tokens)
+    while True:
+        ids = tokenizer(text[:n_chars], add_special_tokens=False)["input_ids"]
+        if max_tokens is None or len(ids) > max_tokens or n_chars >= len(text):
+            break
+        n_chars = min(len(text), 2 * n_chars)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise ValueError("the text has fewer than 2 tokens: nothing to score")
+    return torch.tensor([ids], dtype=torch.long)
+
+
+# -------------------------------------------------------------------------------------------------- cache
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes of key/value tensors ``cache`` holds: ``cache.nbytes()`` for a KVPressCache, else the sum over a
+    transformers cache's layers (``DynamicCache``)."""
+    if hasattr(cache, "nbytes"):
+        return int(cache.nbytes())
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def build_policy(name: str | None, params: dict[str, Any] | None = None, *, mode: str = "token"):
+    """``kvpress.policies.get_policy(name, **params)``; in chunked mode a prefill-only score policy is rebuilt
+    with ``every_chunk=True`` so it compresses after every chunk (the chunked protocol needs it)."""
+    from kvpress.policies import get_policy
+
+    params = dict(params or {})
+    policy = get_policy(name or "none", **params)
+    if mode == "chunked" and hasattr(policy, "every_chunk") and not policy.every_chunk:
+        policy = get_policy(name, **params, every_chunk=True)
+    return policy
+
+
+@contextlib.contextmanager
+def open_cache(model, policy=None, *, cache: str = "kvpress") -> Iterator[Any]:
+    """An empty cache to feed ``model`` with, under ``policy``.
+
+    ``cache="kvpress"``: the model is patched with :func:`kvpress.patch` for the duration and the cache is a
+    ``KVPressCache`` (policy ``None`` = uncompressed). ``cache="dynamic"``: a plain transformers
+    ``DynamicCache`` on the unpatched model (uncompressed reference; ``policy`` must be ``None``).
+    """
+    if cache == "dynamic":
+        if policy is not None:
+            raise ValueError("a DynamicCache cannot apply a policy; use cache='kvpress'")
+        from transformers import DynamicCache
+
+        yield DynamicCache(config=model.config)
+        return
+    if cache != "kvpress":
+        raise ValueError(f"cache must be 'kvpress' or 'dynamic', got {cache!r}")
+    import kvpress
+
+    with kvpress.patch(model, policy) as session:
+        yield session.new_cache()
+
+
+# ------------------------------------------------------------------------------------------------- result
+
+
+@dataclass
+class PerplexityResult:
+    """One perplexity run. ``perplexity = exp(mean NLL)`` over ``tokens_scored`` next-token predictions."""
+
+    perplexity: float
+    mean_nll: float
+    tokens_scored: int
+    tokens_total: int
+    seconds: float
+    tokens_per_second: float
+    peak_kv_bytes: int
+    final_kv_bytes: int
+    mode: str
+    chunk_size: int | None
+    prefill_tokens: int
+    kv_check_every: int
+    cache: str
+    policy: str = "none"
+    policy_params: dict[str, Any] = field(default_factory=dict)
+    model: str = ""
+    text_source: str = ""
+    segments: list[dict[str, float]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        """How the number was measured, in one line."""
+        how = f"chunks of C={self.chunk_size}" if self.mode == "chunked" else "token by token"
+        if self.mode == "token" and self.prefill_tokens:
+            how += f" after a {self.prefill_tokens}-token prefill"
+        return f"{self.policy} ({self.cache}), {how}"
+
+
+def write_json(path: str | Path, results: PerplexityResult | dict[str, PerplexityResult], **extra: Any) -> Path:
+    """Write one result, or a ``{label: result}`` mapping, as JSON (plus any ``extra`` top-level keys)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(results, PerplexityResult):
+        payload: dict[str, Any] = results.to_dict()
+    else:
+        payload = {label: r.to_dict() for label, r in results.items()}
+    payload.update(extra)
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+# -------------------------------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class _Scores:
+    """NLL accumulated in float64, with per-segment sums (a curve of perplexity along the text) and the time
+    at which each segment was done (its throughput shows that a bounded cache costs the same at every depth)."""
+
+    segment_tokens: int
+    started: float = field(default_factory=time.perf_counter)
+    nll_sum: float = 0.0
+    count: int = 0
+    segments: list[dict[str, float]] = field(default_factory=list)
+    _seg_sum: float = 0.0
+    _seg_count: int = 0
+
+    def add(self, nll: torch.Tensor) -> None:
+        values = nll.double()
+        start = 0
+        while start < values.numel():
+            take = min(values.numel() - start, self.segment_tokens - self._seg_count)
+            part = float(values[start : start + take].sum())
+            self.nll_sum += part
+            self._seg_sum += part
+            self._seg_count += take
+            self.count += take
+            start += take
+            if self._seg_count == self.segment_tokens:
+                self._close_segment()
+
+    def _close_segment(self) -> None:
+        if self._seg_count:
+            self.segments.append(
+                {
+                    "end_token": self.count,
+                    "tokens": self._seg_count,
+                    "perplexity": math.exp(self._seg_sum / self._seg_count),
+                    "elapsed_s": round(time.perf_counter() - self.started, 3),
+                }
+            )
+        self._seg_sum, self._seg_count = 0.0, 0
+
+    def finish(self) -> None:
+        self._close_segment()
+
+
+def _piece_sizes(n_inputs: int, mode: str, chunk_size: int, prefill: int) -> Iterator[int]:
+    """How many tokens each forward feeds: a first piece of ``prefill`` (token mode), then 1 or C."""
+    step = 1 if mode == "token" else chunk_size
+    first = prefill if (mode == "token" and prefill > 0) else step
+    fed = 0
+    size = first
+    while fed < n_inputs:
+        size = min(size, n_inputs - fed)
+        yield size
+        fed += size
+        size = step
+
+
+def score_through_cache(
+    model,
+    input_ids: torch.Tensor,
+    cache,
+    *,
+    mode: str = "token",
+    chunk_size: int = 512,
+    prefill: int = 0,
+    kv_check_every: int = 32,
+    segment_tokens: int = 1024,
+    progress: bool = False,
+    desc: str = "perplexity",
+) -> dict[str, Any]:
+    """Teacher-force ``input_ids`` (``[1, N]``) through ``cache`` and score every next token.
+
+    The model reads ``input_ids[:, :-1]`` piece by piece (see :func:`_piece_sizes`), each forward with
+    ``past_key_values=cache``; the logits of each piece score the tokens that follow it. Returns the raw
+    statistics (NLL sum, count, timings, KV bytes); :func:`evaluate_perplexity` wraps them in a result.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids must be [1, N], got {tuple(input_ids.shape)}")
+    if chunk_size < 1 or prefill < 0 or kv_check_every < 1:
+        raise ValueError("chunk_size and kv_check_every must be >= 1, prefill >= 0")
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    inputs, targets = input_ids[:, :-1], input_ids[0, 1:]
+    n_inputs = inputs.shape[1]
+    peak = 0
+    n_checks = 0
+    pos = 0
+    step = 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_inputs, desc=desc, unit="tok", dynamic_ncols=True)
+    scores = _Scores(segment_tokens=segment_tokens)
+    start = scores.started
+    with torch.inference_mode():
+        for size in _piece_sizes(n_inputs, mode, chunk_size, prefill):
+            out = model(input_ids=inputs[:, pos : pos + size], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values if out.past_key_values is not None else cache
+            logits = out.logits[0]
+            scores.add(F.cross_entropy(logits.float(), targets[pos : pos + size], reduction="none"))
+            del out, logits
+            pos += size
+            step += 1
+            if step == 1 or step % kv_check_every == 0 or pos == n_inputs:
+                peak = max(peak, cache_nbytes(cache))
+                n_checks += 1
+            if bar is not None:
+                bar.update(size)
+                if step % 256 == 0 or pos == n_inputs:
+                    bar.set_postfix(ppl=f"{math.exp(scores.nll_sum / scores.count):.2f}", refresh=False)
+    seconds = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    scores.finish()
+    return {
+        "nll_sum": scores.nll_sum,
+        "tokens_scored": scores.count,
+        "tokens_total": int(input_ids.shape[1]),
+        "seconds": seconds,
+        "peak_kv_bytes": peak,
+        "final_kv_bytes": cache_nbytes(cache),
+        "kv_checks": n_checks,
+        "forwards": step,
+        "segments": scores.segments,
+        "cache_type": type(cache).__name__,
+    }
+
+
+def evaluate_perplexity(
+    model,
+    input_ids: torch.Tensor,
+    *,
+    policy=None,
+    policy_name: str | None = None,
+    mode: str = "token",
+    chunk_size: int = 512,
+    prefill: int = 0,
+    cache: str = "kvpress",
+    kv_check_every: int = 32,
+    segment_tokens: int = 1024,
+    progress: bool = False,
+    model_name: str = "",
+    text_source: str = "",
+) -> PerplexityResult:
+    """Perplexity of ``input_ids`` under ``policy`` (a :class:`kvpress.policies.Policy` or ``None``).
+
+    ``cache="kvpress"`` patches the model with :func:`kvpress.patch` (``policy=None`` gives the uncompressed
+    KVPressCache); ``cache="dynamic"`` runs the unpatched model with a transformers ``DynamicCache`` (the
+    uncompressed reference, cheapest in chunked mode: with nothing evicted, chunked and token-by-token
+    teacher forcing compute the same thing up to float rounding).
+    """
+    with open_cache(model, policy, cache=cache) as kv:
+        stats = score_through_cache(
+            model,
+            input_ids,
+            kv,
+            mode=mode,
+            chunk_size=chunk_size,
+            prefill=prefill,
+            kv_check_every=kv_check_every,
+            segment_tokens=segment_tokens,
+            progress=progress,
+            desc=f"{policy_name or (policy.name if policy is not None else 'none')} [{mode}]",
+        )
+    mean_nll = stats["nll_sum"] / stats["tokens_scored"]
+    notes = [
+        f"peak_kv_bytes sampled every {kv_check_every} forwards, after the first and after the last "
+        f"({stats['kv_checks']} reads of {stats['forwards']} forwards); bytes held between forwards",
+    ]
+    if mode == "token" and policy is not None and hasattr(policy, "every_chunk"):
+        notes.append(
+            "a prefill policy compresses only the first forward: in token mode only the prefill chunk "
+            f"({prefill} tokens) is compressed, later tokens accumulate"
+        )
+    return PerplexityResult(
+        perplexity=math.exp(mean_nll),
+        mean_nll=mean_nll,
+        tokens_scored=stats["tokens_scored"],
+        tokens_total=stats["tokens_total"],
+        seconds=stats["seconds"],
+        tokens_per_second=stats["tokens_scored"] / stats["seconds"] if stats["seconds"] > 0 else float("inf"),
+        peak_kv_bytes=stats["peak_kv_bytes"],
+        final_kv_bytes=stats["final_kv_bytes"],
+        mode=mode,
+        chunk_size=chunk_size if mode == "chunked" else None,
+        prefill_tokens=prefill if mode == "token" else 0,
+        kv_check_every=kv_check_every,
+        cache=stats["cache_type"],
+        policy=policy_name or (policy.name if policy is not None else "none"),
+        policy_params=policy.params() if policy is not None else {},
+        model=model_name,
+        text_source=text_source,
+        segments=stats["segments"],
+        notes=notes,
+    )
+
+
+def full_forward_perplexity(model, input_ids: torch.Tensor) -> float:
+    """Reference perplexity from one cache-less forward over the whole text (short texts only)."""
+    with torch.inference_mode():
+        logits = model(input_ids=input_ids[:, :-1], use_cache=False).logits[0]
+        return math.exp(float(F.cross_entropy(logits.float(), input_ids[0, 1:]).double()))
