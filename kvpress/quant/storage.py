@@ -22,6 +22,13 @@ Exact new tokens: the tokens of an ``append`` are in hand when attention runs ri
 ``exact_new_tokens``, the default) the first :meth:`view` after an append shows them exactly, as KIVI and
 transformers' ``QuantizedCache`` attend the prefill in full precision; that view drops the exact copy, so
 nothing beyond the stored form outlives the step. Later views show what is stored.
+
+Eviction (:meth:`QuantizedStorage.select`, for ``policy | KVQuant`` pipelines) gathers codes and keeps key-group
+scales; heads may keep different numbers of tokens (padded slots, marked invalid in the view).
+
+Limits: :meth:`view` dequantizes the whole layer with torch ops (the reference path; a fused kernel can read the
+packed layout of :mod:`kvpress.quant.body` directly); keys are rotated after RoPE with one matrix per layer shared
+by all heads (no pre-RoPE grouped-head rotation); ``crop`` (assisted decoding) is not supported.
 """
 
 from __future__ import annotations
