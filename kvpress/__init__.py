@@ -12,6 +12,7 @@ from kvpress.context import LayerContext
 from kvpress.models import DEFAULT_MODEL, load_model
 from kvpress.patching import SUPPORTED_ATTENTION, SUPPORTED_MODEL_TYPES, PatchSession, patch
 from kvpress.policies import Pipeline, Policy, ScorePolicy, SnapKV, StreamingLLM, get_policy
+from kvpress.quant import KVQuant
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ __all__ = [
     "Pipeline",
     "SnapKV",
     "StreamingLLM",
+    "KVQuant",
     "get_policy",
     "policies",
     "SUPPORTED_ATTENTION",

@@ -26,7 +26,7 @@ def test_bad_compression_ratio(ratio):
         (lambda: SnapKV(kernel_size=4), "kernel_size must be an odd integer"),
         (lambda: SnapKV(budget=0), "budget must be an integer >= 1"),
         (lambda: SnapKV(compression_ratio=0.5, budget=10), "either compression_ratio or budget"),
-        (lambda: get_policy("h3o"), "unknown policy 'h3o'; available policies: none, snapkv, streaming_llm"),
+        (lambda: get_policy("h3o"), "unknown policy .h3o.; available policies: kvquant, none, snapkv, streaming_llm"),
         (lambda: get_policy("snapkv", ratio=0.5), "bad parameters for policy 'snapkv'"),
     ],
 )

@@ -12,15 +12,6 @@ from kvpress.quant.packing import packed_words
 from kvpress.storage import AttentionView, DenseStorage
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster than two (and pytest -n 2 already uses both cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _kv(b=2, h=3, n=70, d=16, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(b, h, n, d, generator=g)

@@ -8,10 +8,17 @@ from kvpress.policies.base import Policy
 from kvpress.policies.snapkv import SnapKV
 from kvpress.policies.streaming_llm import StreamingLLM
 
-_REGISTRY: dict[str, Callable[..., Policy | None]] = {
+def _kvquant(**params: Any) -> Any:
+    from kvpress.quant import KVQuant  # imported lazily: quantization is a storage spec, not an eviction policy
+
+    return KVQuant(**params)
+
+
+_REGISTRY: dict[str, Callable[..., Any]] = {
     "none": lambda: None,
     "streaming_llm": StreamingLLM,
     "snapkv": SnapKV,
+    "kvquant": _kvquant,
 }
 _ALIASES = {"full": "none", "streamingllm": "streaming_llm", "sinks": "streaming_llm"}
 
@@ -25,8 +32,8 @@ def available_policies() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_policy(name: str, **params: Any) -> Policy | None:
-    """Build a policy by name (``"none"`` gives ``None``: the uncompressed cache)."""
+def get_policy(name: str, **params: Any) -> Any:
+    """Build a policy by name (``"none"`` gives ``None``: the uncompressed cache; ``"kvquant"`` a quantizer)."""
     key = _ALIASES.get(name.lower().replace("-", "_"), name.lower().replace("-", "_"))
     if key not in _REGISTRY:
         raise ValueError(f"unknown policy {name!r}; available policies: {', '.join(available_policies())}")
