@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from test_quant_storage import _one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 
 import kvpress
 from kvpress.quant import KVQuant, QuantizedStorage
