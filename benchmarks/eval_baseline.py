@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 from kvpress.eval import PolicySpec, available_tasks, evaluate, get_task
+from kvpress.eval.results import read_records, write_run
+from kvpress.eval.runner import summarize
 from kvpress.models import load_model
 
 # The acceptance check uses 20 samples for single-needle retrieval; other tasks get --other-samples.
@@ -49,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in tasks:
         run_dir = out / name
         if args.resume and (run_dir / "metrics.json").is_file():
+            # re-aggregate the stored records, so summaries follow the current metric definitions
+            records = read_records(run_dir)
             metrics = json.loads((run_dir / "metrics.json").read_text())
+            metrics["entries"] = summarize(records, [PolicySpec("none")])
+            write_run(run_dir, records, metrics, json.loads((run_dir / "config.json").read_text()), plots=False)
         else:
             samples = args.samples if name in KEY_TASKS else args.other_samples
             metrics = evaluate(

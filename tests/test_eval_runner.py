@@ -202,3 +202,15 @@ def test_cli_grid_end_to_end(model, tok, tmp_path, capsys):
     assert kvpress_main(["eval"]) == 2
     with pytest.raises(ValueError, match="unknown task"):
         kvpress_main(["eval", "nope", "--model", str(model_dir)])
+
+
+def test_cli_runs_a_policy_without_ratio_once(monkeypatch, capsys):
+    from kvpress.eval.cli import checked_specs
+    from kvpress.policies import registry
+
+    monkeypatch.setitem(registry._REGISTRY, "sinks_only", lambda n_sink=4: StreamingLLM(n_sink=n_sink, window=1))
+    specs = checked_specs(sweep(["snapkv", "sinks_only"], [0.25, 0.5]), 1000)
+    assert [s.label for s in specs] == ["none", "snapkv(r=0.25)", "snapkv(r=0.5)", "sinks_only"]
+    assert capsys.readouterr().out.count("sinks_only takes no compression ratio") == 1
+    with pytest.raises(ValueError, match="unknown policy"):
+        checked_specs(sweep(["nonsense"], [0.5]), 1000)

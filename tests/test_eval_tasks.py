@@ -7,7 +7,7 @@ import pytest
 
 from eval_fixtures import byte_tokenizer
 from kvpress.eval.tasks import TASKS, available_tasks, get_task
-from kvpress.eval.tasks.base import build_prompt
+from kvpress.eval.tasks.base import Rendered, build_prompt
 from kvpress.eval.tasks.haystack import NEEDLE, NOISE, insert_at_depths
 
 LENGTH = 1500
@@ -150,3 +150,14 @@ def test_registry():
     assert get_task("NIAH-single-noise").name == "niah_single_noise"
     with pytest.raises(ValueError, match="unknown task"):
         get_task("qa_squad")
+
+
+def test_check_rejects_a_missing_needle_and_an_overlong_prompt(tok):
+    task = get_task("niah_single_noise")
+    sample = task.make_sample(tok, 800)
+    task.check(sample, Rendered("", "", "", ["1"], []))  # no needle to look for: passes
+    with pytest.raises(AssertionError, match="missing from the context"):
+        task.check(sample, Rendered("", "", "", ["1"], ["One of the special magic numbers for nobody is: 0."]))
+    sample.length = sample.prompt_tokens  # no room left for the answer
+    with pytest.raises(AssertionError, match="exceeds"):
+        task.check(sample, Rendered("", "", "", ["1"], []))

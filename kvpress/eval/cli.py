@@ -109,6 +109,28 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def checked_specs(specs: list, n_tokens: int) -> list:
+    """Build every configuration once so unknown policies or parameters fail before a model loads. A policy that
+    takes no compression ratio (nor maps one, see ``RATIO_ADAPTERS``) runs once with its own parameters."""
+    from kvpress.eval.runner import PolicySpec
+
+    out: list = []
+    for spec in specs:
+        try:
+            spec.build(n_tokens)
+        except ValueError:
+            if spec.compression_ratio is None:
+                raise
+            plain = PolicySpec(spec.name, spec.params, None)
+            plain.build(n_tokens)  # still failing: a real error
+            if plain not in out:
+                print(f"note: {spec.name} takes no compression ratio; it runs once with {dict(spec.params)}")
+            spec = plain
+        if spec not in out:
+            out.append(spec)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     if args.list:
         print("\n".join(list_tasks()))
@@ -127,9 +149,8 @@ def run(args: argparse.Namespace) -> int:
     from kvpress.eval.runner import evaluate, sweep
     from kvpress.models import load_model
 
-    specs = sweep(cfg["policies"], cfg["compression_ratios"], cfg["params"], baseline=cfg["baseline"])
-    for spec in specs:
-        spec.build(max(cfg["lengths"]))  # unknown policies or parameters fail now, not after a prefill
+    specs = checked_specs(sweep(cfg["policies"], cfg["compression_ratios"], cfg["params"], baseline=cfg["baseline"]),
+                          max(cfg["lengths"]))
     model, tokenizer = load_model(cfg["model"], device=cfg["device"])
     cfg["configurations"] = [spec.label for spec in specs]
     cfg["versions"] = {"kvpress": kvpress.__version__, "torch": torch.__version__,

@@ -178,9 +178,15 @@ class Task(ABC):
         return sample
 
     def check(self, sample: Sample, rendered: Rendered) -> None:
-        """Sanity checks every sample passes: references present, needles inside the context, budget kept."""
-        assert sample.references and all(ref.strip() for ref in sample.references), "empty reference"
+        """Sanity checks every sample passes (raises ``AssertionError``, also under ``python -O``): references
+        present, needles inside the context and not in the question, prompt + answer budget within the length."""
+        _require(bool(sample.references) and all(r.strip() for r in sample.references), f"{self.name}: empty reference")
         for needle in rendered.needles:
-            assert needle in sample.prefix, f"{self.name}: needle {needle!r} missing from the context"
-            assert needle not in sample.suffix, f"{self.name}: needle {needle!r} leaked into the question"
-        assert sample.prompt_tokens + sample.max_new_tokens <= sample.length, "prompt exceeds its length"
+            _require(needle in sample.prefix, f"{self.name}: needle {needle!r} missing from the context")
+            _require(needle not in sample.suffix, f"{self.name}: needle {needle!r} leaked into the question")
+        _require(sample.prompt_tokens + sample.max_new_tokens <= sample.length, f"{self.name}: prompt exceeds length")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise AssertionError(message)
