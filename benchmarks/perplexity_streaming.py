@@ -11,6 +11,9 @@ Runs on the embedded SmolLM2-135M over the standard library's pydoc topics (or `
 * ``full``: the uncompressed cache on the same tokens, fed in chunks through a transformers DynamicCache
   (nothing is evicted, so this equals token-by-token teacher forcing up to float rounding). Its tokens/s is
   chunked throughput, not comparable with token-mode throughput; its peak bytes grow with the text.
+* ``nosink`` (not in the default set): StreamingLLM with ``n_sink=0``, chunked; a diagnostic. The cache keeps
+  each key's original rotary position, so with sinks the query-to-sink distance grows with the text and
+  passes the model's trained context (8192 for SmolLM2); without sinks every distance stays <= window + C.
 
 Prints a table and writes every result (with per-segment perplexity and timing) as JSON. tokens/s depend on
 the machine's load: the load average at start and end is recorded.
@@ -33,6 +36,7 @@ from kvpress.eval.perplexity_cli import print_results  # noqa: E402
 from kvpress.models import load_model  # noqa: E402
 
 RUNS = ("token", "chunked", "full")
+EXTRA_RUNS = ("nosink",)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--chunk-size", type=int, default=512, help="C of the chunked StreamingLLM run")
     p.add_argument("--full-chunk-size", type=int, default=1024)
-    p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {RUNS}")
+    p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {RUNS + EXTRA_RUNS}")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--segment-tokens", type=int, default=1000)
     p.add_argument("--kv-check-every", type=int, default=32)
@@ -52,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    if unknown := set(runs) - set(RUNS):
+    if unknown := set(runs) - set(RUNS) - set(EXTRA_RUNS):
         p.error(f"unknown runs {sorted(unknown)}")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -72,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
                 model, ids, policy=None, policy_name="full", mode="chunked", chunk_size=args.full_chunk_size,
                 cache="dynamic", **common,
             )
+        elif run == "nosink":
+            results["streaming_llm[chunked, n_sink=0]"] = evaluate_perplexity(
+                model, ids, policy=build_policy("streaming_llm", {**params, "n_sink": 0}, mode="chunked"),
+                policy_name="streaming_llm", mode="chunked", chunk_size=args.chunk_size, **common,
+            )
         else:
             results[f"streaming_llm[{run}]"] = evaluate_perplexity(
                 model, ids, policy=build_policy("streaming_llm", params, mode=run), policy_name="streaming_llm",
@@ -80,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:  # keep what is done so far if a later run is interrupted
             write_json(args.out, results, config=_config(args, ids, load_start, started))
     print_results(results)
+    for label, result in results.items():
+        curve = " ".join(f"{s['perplexity']:.1f}" for s in result.segments)
+        print(f"{label}: perplexity per {args.segment_tokens} tokens: {curve}")
     if args.out:
         print(f"wrote {write_json(args.out, results, config=_config(args, ids, load_start, started))}")
     return 0

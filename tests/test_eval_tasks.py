@@ -47,9 +47,14 @@ def test_too_short_length_raises(tok):
         get_task("cwe").make_sample(tok, 300)
 
 
-@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.75, 1.0])
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.75, 1.0, None])
 def test_needle_sits_at_its_depth(tok, depth):
-    sample = get_task("niah_single_noise").make_sample(tok, LENGTH, depth=depth)
+    sample = get_task("niah_single_noise").make_sample(tok, LENGTH, depth=depth, index=3)
+    assert sample.depth == depth
+    if depth is None:  # drawn at random, and recorded
+        depth = sample.needle_depth
+        assert 0.0 < depth < 1.0
+    assert sample.needle_depth == depth
     context = _context(sample)
     needle = NEEDLE.format(key=re.search(r"for (\S+) mentioned", sample.suffix).group(1), value=sample.references[0])
     assert context.count(needle) == 1 and needle not in sample.suffix

@@ -136,6 +136,7 @@ def make_record(sample, spec: PolicySpec, policy: Any, gen: Generation, mode: st
         "task": sample.task,
         "length": sample.length,
         "depth": sample.depth,
+        "needle_depth": sample.needle_depth,
         "index": sample.index,
         "seed": sample.seed,
         "mode": mode,

@@ -33,6 +33,7 @@ class Rendered:
     answer_prefix: str
     references: list[str]
     needles: list[str] = field(default_factory=list)  # strings the context must contain
+    needle_depth: float | None = None  # where the (first queried) needle sits, for tasks that place one
 
 
 @dataclass
@@ -41,7 +42,7 @@ class Sample:
     index: int
     seed: int
     length: int  # target length in tokens (prompt + answer budget)
-    depth: float | None
+    depth: float | None  # the depth asked for (None: drawn at random per sample)
     prefix: str
     suffix: str
     prefix_ids: list[int]
@@ -50,6 +51,7 @@ class Sample:
     metric: str
     max_new_tokens: int
     haystack_units: int
+    needle_depth: float | None = None  # the depth actually used
 
     @property
     def prompt_tokens(self) -> int:
@@ -173,6 +175,7 @@ class Task(ABC):
             task=self.name, index=index, seed=seed, length=length, depth=depth, prefix=prefix, suffix=suffix,
             prefix_ids=prefix_ids, suffix_ids=suffix_ids, references=list(rendered.references),
             metric=self.metric, max_new_tokens=self.max_new_tokens, haystack_units=lo,
+            needle_depth=rendered.needle_depth,
         )
         self.check(sample, rendered)
         return sample

@@ -111,4 +111,5 @@ class NeedleTask(Task):
             question = f"What are all the special magic numbers for {keys} mentioned in the provided text?"
             answer_prefix = f"The special magic numbers for {keys} mentioned in the provided text are"
         references = [v for key in state.queried for v in state.values[key]]
-        return Rendered(context, question, answer_prefix, references, [text for _, text in state.needles])
+        return Rendered(context, question, answer_prefix, references, [text for _, text in state.needles],
+                        needle_depth=state.needles[0][0])
