@@ -6,14 +6,16 @@ Runs on the embedded SmolLM2-135M over the standard library's pydoc topics (or `
 
 * ``streaming_llm[token]``: StreamingLLM (n_sink + window) teacher-forced token by token through the cache
   (the StreamingLLM paper's protocol); the cache is bounded, so peak bytes stay at n_sink + window tokens.
+  Positions within the cache (``reposition=True``, the paper's method and kvpress's default).
 * ``streaming_llm[chunked]``: the same policy fed in chunks of C tokens (each chunk attends to the evicted
   past plus itself), a cheaper protocol; reported with its C.
 * ``full``: the uncompressed cache on the same tokens, fed in chunks through a transformers DynamicCache
   (nothing is evicted, so this equals token-by-token teacher forcing up to float rounding). Its tokens/s is
   chunked throughput, not comparable with token-mode throughput; its peak bytes grow with the text.
-* ``nosink`` (not in the default set): StreamingLLM with ``n_sink=0``, chunked; a diagnostic. The cache keeps
-  each key's original rotary position, so with sinks the query-to-sink distance grows with the text and
-  passes the model's trained context (8192 for SmolLM2); without sinks every distance stays <= window + C.
+* ``nosink`` (not in the default set): StreamingLLM with ``n_sink=0``, chunked: what the sinks are worth.
+* ``original`` (not in the default set): StreamingLLM chunked with ``reposition=False``: keys keep their original
+  rotary positions, so the query-to-sink distance grows with the text and passes the model's trained context
+  (8192 for SmolLM2).
 
 Prints a table and writes every result (with per-segment perplexity and timing) as JSON. tokens/s depend on
 the machine's load: the load average at start and end is recorded.
@@ -36,7 +38,7 @@ from kvpress.eval.perplexity_cli import print_results  # noqa: E402
 from kvpress.models import load_model  # noqa: E402
 
 RUNS = ("token", "chunked", "full")
-EXTRA_RUNS = ("nosink",)
+EXTRA_RUNS = ("nosink", "original")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         elif run == "nosink":
             results["streaming_llm[chunked, n_sink=0]"] = evaluate_perplexity(
                 model, ids, policy=build_policy("streaming_llm", {**params, "n_sink": 0}, mode="chunked"),
+                policy_name="streaming_llm", mode="chunked", chunk_size=args.chunk_size, **common,
+            )
+        elif run == "original":
+            results["streaming_llm[chunked, reposition=False]"] = evaluate_perplexity(
+                model, ids, policy=build_policy("streaming_llm", {**params, "reposition": False}, mode="chunked"),
                 policy_name="streaming_llm", mode="chunked", chunk_size=args.chunk_size, **common,
             )
         else:

@@ -26,6 +26,7 @@ from kvpress.cache import CompressedLayer, KVPressCache, StorageFactory, dense_s
 from kvpress.context import LayerContext
 from kvpress.policies.base import Policy
 from kvpress.policies.pipeline import Pipeline, is_storage_spec
+from kvpress.reposition import reposition, rope_inv_freq
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 # Model types tested in the suite. Others that follow transformers' AttentionInterface design usually work:
@@ -66,6 +67,10 @@ class PatchSession:
         self.num_layers = self.text_config.num_hidden_layers
         self.base_impl: str = model.config._attn_implementation
         self.active_cache: KVPressCache | None = None
+        # Rotary frequencies per layer when the policy attends at positions within the cache.
+        self.inv_freq: dict[int, torch.Tensor] = {}
+        if self.policy is not None and getattr(self.policy, "reposition", False):
+            self.inv_freq = {i: rope_inv_freq(model, i) for i in range(self.num_layers)}
 
     def new_cache(self) -> KVPressCache:
         """An empty compressed cache for this model and policy, to pass as ``past_key_values``."""
@@ -160,6 +165,9 @@ def kvpress_attention(
     if untouched and view.value_rotation is None:
         out, weights = base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     else:
+        if layer_idx in session.inv_freq:
+            view, query = reposition(view, query, layer.seen_tokens, session.inv_freq[layer_idx])
+            layer.last_view = view
         q_len = query.shape[2]
         allowed = allowed_slots(attention_mask, view, layer.seen_tokens - q_len, q_len)
         out, weights = attend(query, view, allowed, scaling), None

@@ -22,6 +22,8 @@ class Policy(ABC):
     """
 
     name: ClassVar[str] = "policy"
+    # True: after eviction, attend at positions within the cache (see kvpress.reposition), not the original ones.
+    reposition: bool = False
 
     @abstractmethod
     def select(self, ctx: LayerContext) -> torch.Tensor | None: ...

@@ -43,6 +43,10 @@ class Pipeline(Policy):
                 raise ValueError(f"pipeline stages must be kvpress policies or storage specs, got {stage!r}")
 
     @property
+    def reposition(self) -> bool:  # type: ignore[override]
+        return any(p.reposition for p in self.policies)
+
+    @property
     def stages(self) -> list[Any]:
         return [*self.policies, *([self.storage] if self.storage is not None else [])]
 
