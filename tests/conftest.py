@@ -1,6 +1,7 @@
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -8,3 +9,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # pytest runs with -n 2 (one worker per core): one intra-op thread per worker avoids oversubscription,
 # which made tiny-model tests up to ~10x slower on a loaded 2-core machine.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the embedded SmolLM2-135M, loaded once per test process (slow tier)."""
+    import kvpress
+
+    return kvpress.load_model("smollm2-135m")

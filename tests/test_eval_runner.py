@@ -5,7 +5,6 @@ import json
 import struct
 
 import pytest
-import torch
 
 from eval_fixtures import byte_tokenizer, tiny_llama
 from kvpress.cli import main as kvpress_main
@@ -27,15 +26,6 @@ def tok():
 @pytest.fixture(scope="module")
 def model():
     return tiny_llama()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is ~10x faster than two on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _task(name, max_new_tokens=3):

@@ -4,16 +4,10 @@ import json
 
 import pytest
 
-import kvpress
 from kvpress.cli import main as kvpress_main
 from kvpress.eval import available_tasks, evaluate, get_task, sweep
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("smollm2")]
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    return kvpress.load_model("smollm2-135m")
 
 
 def test_tasks_size_prompts_in_smollm2_tokens(smollm2):

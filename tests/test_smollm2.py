@@ -10,11 +10,6 @@ from kvpress.policies import SnapKV, StreamingLLM
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("smollm2")]
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    return kvpress.load_model("smollm2-135m")
-
-
 def test_embedded_model_loads_offline(smollm2):
     model, tokenizer = smollm2
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
