@@ -87,6 +87,64 @@ def test_rotate_only_keys_or_values(rotate):
         KVQuant(rotate="both")
 
 
+@pytest.mark.parametrize("rotate", [False, True])
+def test_fp16_full_precision_parts(rotate):
+    b, h, n, d = 1, 2, 300, 64
+    k, v = _kv(b, h, n, d)
+    base = {"bits": 2, "group_size": 32, "residual": 32, "n_sink": 4, "rotate": rotate}
+    full, half = KVQuant(**base).create_storage(0), KVQuant(**base, fp_dtype=torch.float16).create_storage(0)
+    for st in (full, half):
+        st.append(k, v, 0)
+        first = st.view()
+        assert first.keys.dtype == torch.float32  # views are in the model's dtype
+        keys, values = _unrotated(first)  # the tokens of the forward itself: exact, whatever fp_dtype is
+        assert torch.allclose(keys, k, atol=1e-5) and torch.allclose(values, v, atol=1e-5)
+    assert half.sink_k.dtype == half.res_v.dtype == torch.float16 and full.res_k.dtype == torch.float32
+    assert half.segment_lengths() == full.segment_lengths() == {"sink": 4, "body": 256, "residual": 40}
+    # bytes from the real tensors: the sinks and residual window cost half, the rest is unchanged
+    fp_elements = b * h * (4 + 40) * d * 2
+    assert full.nbytes() - half.nbytes() == fp_elements * 2
+    assert half.nbytes() == sum(t.numel() * t.element_size() for t in half.tensors())
+    assert half.storage_nbytes() == half.nbytes()
+    assert half.effective_bits() == pytest.approx(8 * half.nbytes() / (b * h * n * d * 2))
+    # the stored view: full-precision tokens within float16 rounding of the input, cast back to float32
+    view = half.view()
+    assert view.keys.dtype == view.values.dtype == torch.float32
+    keys, values = _unrotated(view)
+    fp = torch.cat([torch.arange(4), torch.arange(260, 300)])
+    for got, ref in ((keys, k), (values, v)):
+        err = (got[:, :, fp] - ref[:, :, fp]).abs()
+        assert bool((err <= ref[:, :, fp].abs() * 2**-11 + 1e-5).all())
+        assert torch.allclose(got[:, :, fp], ref[:, :, fp].half().float(), atol=1e-5)
+    # the body is quantized from the held float16 values (the reference quantizer on the rounded tokens)
+    r = half.key_rotation if rotate else torch.eye(d)
+    rv = half.value_rotation if rotate else torch.eye(d)
+    body = slice(4, 260)
+    ref_k = quantize(k[:, :, body].half().float() @ r, 2, 32, "channel").dequantize() @ r.T
+    ref_v = quantize(v[:, :, body].half().float() @ rv, 2, 32, "token").dequantize() @ rv.T
+    assert torch.allclose(keys[:, :, body], ref_k, atol=1e-4) and torch.allclose(values[:, :, body], ref_v, atol=1e-4)
+    # appending and evicting keep the float16 parts
+    half.append(k[:, :, :40], v[:, :, :40], n)
+    half.view()
+    assert half.res_k.dtype == torch.float16 and half.nbytes() == half.storage_nbytes()
+    kept = half.select(torch.rand(b, h, n + 40, generator=torch.Generator().manual_seed(0)) < 0.7)
+    assert kept.sink_k.dtype == kept.res_k.dtype == torch.float16
+    assert kept.view().keys.dtype == torch.float32
+    assert kept.nbytes() == sum(t.numel() * t.element_size() for t in kept.tensors())
+
+
+def test_fp16_parts_on_a_bf16_model_and_validation():
+    k, v = _kv(n=40, dtype=torch.bfloat16)
+    st = KVQuant(bits=4, group_size=8, residual=8, fp_dtype=torch.float16).create_storage(0)
+    st.append(k, v, 0)
+    assert st.view().keys.dtype == torch.bfloat16 and st.res_k.dtype == torch.float16
+    assert KVQuant(fp_dtype=torch.float16).params()["fp_dtype"] == "float16"
+    assert KVQuant().params()["fp_dtype"] is None
+    for bad in (torch.int8, "float16", torch.bool, 16):
+        with pytest.raises(ValueError, match="fp_dtype"):
+            KVQuant(fp_dtype=bad)
+
+
 def test_first_view_after_append_is_exact_then_stored():
     spec = KVQuant(bits=2, group_size=8, residual=4, n_sink=0, rotate=True)
     k, v = _kv(n=40)

@@ -57,6 +57,10 @@ class KVQuant:
             two dividing head_dim, i.e. one full Hadamard for power-of-two head dims.
         seed: seed of the rotation signs (keys use ``seed``, values ``seed + 1``) and of the low-rank start.
         scale_dtype: dtype of scales, zeros, low-rank factors and outlier values.
+        fp_dtype: dtype in which the full-precision parts (sinks and residual window) are held; ``None`` = the
+            model's dtype. ``torch.float16`` halves their bytes on a float32 model; :meth:`view` casts them back to
+            the model's dtype, and they are quantized (when they leave the window) from the held, rounded values.
+            float16 saturates beyond +-65504; ``torch.bfloat16`` has the range but 8 mantissa bits.
         exact_new_tokens: attend the tokens of the current forward exactly (see :mod:`kvpress.quant.storage`).
     """
 
@@ -76,6 +80,7 @@ class KVQuant:
     rotation_block: int | None = None
     seed: int = 0
     scale_dtype: torch.dtype = torch.float16
+    fp_dtype: torch.dtype | None = None
     exact_new_tokens: bool = True
 
     name = "kvquant"
@@ -106,6 +111,10 @@ class KVQuant:
             _check_count("rotation_block", self.rotation_block, 1)
         if not isinstance(self.scale_dtype, torch.dtype) or not self.scale_dtype.is_floating_point:
             raise ValueError(f"scale_dtype must be a floating torch dtype, got {self.scale_dtype!r}")
+        if self.fp_dtype is not None and (
+            not isinstance(self.fp_dtype, torch.dtype) or not self.fp_dtype.is_floating_point
+        ):
+            raise ValueError(f"fp_dtype must be None or a floating torch dtype, got {self.fp_dtype!r}")
 
     # -- the storage-spec protocol of the core cache ---------------------------------------------------------
     def create_storage(self, layer_idx: int):
@@ -164,7 +173,9 @@ class KVQuant:
     # -- reporting and composition ---------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:
         out = asdict(self)
-        out["scale_dtype"] = str(self.scale_dtype).replace("torch.", "")
+        for name in ("scale_dtype", "fp_dtype"):
+            if out[name] is not None:
+                out[name] = str(out[name]).replace("torch.", "")
         return out
 
     def __or__(self, other: Any) -> Any:

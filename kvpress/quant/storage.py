@@ -2,19 +2,23 @@
 
 Segments, each in position order, per ``[batch, kv_head]``:
 
-    sinks     the first ``n_sink`` tokens, full precision (model dtype), never quantized
+    sinks     the first ``n_sink`` tokens, full precision, never quantized
     body      :class:`~kvpress.quant.body.QuantizedBody`: keys per-channel in groups of G tokens, values per-token
     residual  the most recent tokens, full precision: between ``residual`` and ``residual + F - 1`` of them
               (``F`` = group_size, or ``lowrank_block`` with low-rank correction)
 
+"Full precision" is ``KVQuant.fp_dtype``: the model's dtype by default, or e.g. float16 to halve those bytes on a
+float32 model (views cast them back to the model's dtype).
+
 New tokens go to the residual; when it reaches ``residual + F`` tokens, its oldest whole multiple of ``F`` tokens
-is quantized in one go (rotated first). A token is quantized once, from its exact value: nothing dequantized is
-ever quantized again (eviction gathers codes, see :meth:`QuantizedStorage.select`).
+is quantized in one go (rotated first). A token is quantized once, from its value as held in the window (exact,
+or rounded to ``fp_dtype``): nothing dequantized is ever quantized again (eviction gathers codes, see
+:meth:`QuantizedStorage.select`).
 
 Rotation: keys are quantized as ``K @ R`` and values as ``V @ Rv``. :meth:`~QuantizedStorage.view` returns
 keys and values in that rotated basis with ``key_rotation=R`` / ``value_rotation=Rv`` so attention rotates the
 query and un-rotates its output. Sinks and residual are held unrotated and rotated on the fly (exact tokens
-keep the model dtype's precision). Without outlier reordering ``R`` is a constant shared by every layer (like a
+keep the precision of ``fp_dtype``). Without outlier reordering ``R`` is a constant shared by every layer (like a
 weight, not counted in a layer's bytes); with reordering it is calibrated per layer from the first keys and
 values appended and counted.
 
@@ -60,14 +64,15 @@ class QuantizedStorage(KVStorage):
         self.spec = spec
         self.layer_idx = layer_idx
         self.cfg: BodyConfig | None = None
-        self.dtype: torch.dtype | None = None
+        self.dtype: torch.dtype | None = None  # the model's (compute) dtype: what views return
+        self.fp_dtype: torch.dtype | None = None  # dtype of the held sinks and residual window
         self.key_rotation: torch.Tensor | None = None
         self.value_rotation: torch.Tensor | None = None
         self.rotation_owned = False  # per-layer (calibrated) rotations are held, and counted, by the layer
-        self.sink_k: torch.Tensor | None = None  # [B, H, s, D] model dtype, unrotated
+        self.sink_k: torch.Tensor | None = None  # [B, H, s, D] fp_dtype, unrotated
         self.sink_v: torch.Tensor | None = None
         self.body: QuantizedBody | None = None
-        self.res_k: torch.Tensor | None = None  # [B, H, r, D] model dtype, unrotated
+        self.res_k: torch.Tensor | None = None  # [B, H, r, D] fp_dtype, unrotated
         self.res_v: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None  # [B, H, N] int32; None: slots are positions 0..N-1
         self.valid: torch.Tensor | None = None  # [B, H, N] bool; None: every slot is a real token
@@ -115,7 +120,7 @@ class QuantizedStorage(KVStorage):
             self.positions = torch.cat([self.positions, pos.expand(b, h, new)], dim=2)
         if self.valid is not None:
             self.valid = torch.cat([self.valid, self.valid.new_ones(b, h, new)], dim=2)
-        k, v = keys.to(self.dtype), values.to(self.dtype)
+        k, v = keys.to(self.fp_dtype), values.to(self.fp_dtype)
         take = 0
         if self.n_body_slots == 0 and self.n_residual_slots == 0:
             take = min(self.spec.n_sink - self.n_sink_slots, new)
@@ -123,7 +128,7 @@ class QuantizedStorage(KVStorage):
                 self.sink_k, self.sink_v = _cat(self.sink_k, k[:, :, :take]), _cat(self.sink_v, v[:, :, :take])
         self.res_k, self.res_v = _cat(self.res_k, k[:, :, take:]), _cat(self.res_v, v[:, :, take:])
         self._flush()
-        self.fresh = (k, v) if self.spec.exact_new_tokens else None
+        self.fresh = (keys.to(self.dtype), values.to(self.dtype)) if self.spec.exact_new_tokens else None
 
     def view(self) -> AttentionView:
         keys, values = self._rotated32()
@@ -242,6 +247,7 @@ class QuantizedStorage(KVStorage):
         spec = self.spec
         d = keys.shape[-1]
         self.dtype = keys.dtype
+        self.fp_dtype = spec.fp_dtype or keys.dtype
         self.cfg = spec.body_config(d)
         if spec.rotate:
             self.key_rotation, self.value_rotation, self.rotation_owned = spec.rotations(
@@ -289,7 +295,7 @@ class QuantizedStorage(KVStorage):
         return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
 
     def _gather_exact(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full-precision copies (model dtype, unrotated) of slots ``idx`` ``[B, H, m]``.
+        """Full-precision copies (``fp_dtype``, unrotated) of slots ``idx`` ``[B, H, m]``.
 
         Sink and residual slots are copied exactly; body slots are dequantized and un-rotated.
         """
@@ -299,8 +305,8 @@ class QuantizedStorage(KVStorage):
         body_slot = (idx >= s) & (idx < s + q)
         if m and bool(body_slot.any()):
             bk, bv = self.body.dequantize()
-            dk = self._unrotate(bk, self.key_rotation).to(self.dtype)
-            dv = self._unrotate(bv, self.value_rotation).to(self.dtype)
+            dk = self._unrotate(bk, self.key_rotation).to(self.fp_dtype)
+            dv = self._unrotate(bv, self.value_rotation).to(self.fp_dtype)
             src_k = torch.cat([self.sink_k, dk, self.res_k], dim=2)
             src_v = torch.cat([self.sink_v, dv, self.res_v], dim=2)
             index = idx
