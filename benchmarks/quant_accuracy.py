@@ -65,12 +65,12 @@ def configs() -> list[Config]:
             out.append(Config(f"kvpress {bits}-bit" + (" +rot" if rotate else ""), str(bits), spec, params=spec.params()))
     extra = [
         # lowrank_block = group_size keeps the residual window of plain 2-bit, so only the correction differs
-        ("kvpress 2-bit +rot +lowrank r4", "2", KVQuant(bits=2, rank=4, lowrank_block=32)),
-        ("kvpress 2-bit +rot +lowrank r4 +outliers 2%", "2", KVQuant(bits=2, rank=4, lowrank_block=32, outlier_fraction=0.02)),
-        ("kvpress K4V2 +rot", "K4V2", KVQuant(bits=2, key_bits=4, value_bits=2)),
+        ("kvpress 2-bit +rot +lowrank r4", "2", KVQuant(bits=2, rank=4, lowrank_block=32, rotate=True)),
+        ("kvpress 2-bit +rot +lowrank r4 +outliers 2%", "2", KVQuant(bits=2, rank=4, lowrank_block=32, outlier_fraction=0.02, rotate=True)),
+        ("kvpress K4V2 +rot", "K4V2", KVQuant(bits=2, key_bits=4, value_bits=2, rotate=True)),
         # a 32-token residual window: fewer full-precision tokens, closer to transformers' byte count
-        ("kvpress 4-bit +rot R=32", "4", KVQuant(bits=4, residual=32)),
-        ("kvpress 2-bit +rot R=32", "2", KVQuant(bits=2, residual=32)),
+        ("kvpress 4-bit +rot R=32", "4", KVQuant(bits=4, residual=32, rotate=True)),
+        ("kvpress 2-bit +rot R=32", "2", KVQuant(bits=2, residual=32, rotate=True)),
     ]  # fmt: skip
     out += [Config(name, bits, spec, params=spec.params()) for name, bits, spec in extra]
     return out

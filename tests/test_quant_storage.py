@@ -87,6 +87,25 @@ def test_rotate_only_keys_or_values(rotate):
         KVQuant(rotate="both")
 
 
+@pytest.mark.parametrize(
+    ("bits", "key_bits", "expected"), [(2, None, True), (3, None, False), (4, None, False), (4, 2, True)]
+)
+def test_rotate_auto_default(bits, key_bits, expected):
+    spec = KVQuant(bits=bits, key_bits=key_bits, group_size=8, residual=4)
+    assert spec.rotate == "auto" and spec.rotated == (expected, expected)
+    st = spec.create_storage(0)
+    st.append(*_kv(n=20), 0)
+    view = st.view()
+    assert (view.key_rotation is not None) == expected and (view.value_rotation is not None) == expected
+    assert KVQuant(bits=4, rotate=True).rotated == (True, True)
+    assert KVQuant(bits=2, rotate=False).rotated == (False, False)
+    assert KVQuant(bits=2, rotate="keys").rotated == (True, False)
+    assert KVQuant(bits=4, rotate="values").rotated == (False, True)
+    for bad in ("both", "AUTO", 1, None):
+        with pytest.raises(ValueError, match="rotate"):
+            KVQuant(rotate=bad)
+
+
 @pytest.mark.parametrize("rotate", [False, True])
 def test_fp16_full_precision_parts(rotate):
     b, h, n, d = 1, 2, 300, 64
@@ -343,8 +362,10 @@ def test_config_validation():
     st = KVQuant(group_size=8, value_group_size=4).create_storage(0)
     st.append(*_kv(n=4), 0)  # explicit value groups of 4 channels divide 16
     assert st.cfg.value_group == 4
-    with pytest.raises(ValueError, match="head_dim=15"):
-        KVQuant(group_size=5).create_storage(0).append(*(t[..., :15] for t in _kv(n=4)), 0)
+    odd = [t[..., :15] for t in _kv(n=4)]
+    with pytest.raises(ValueError, match="head_dim=15"):  # the Hadamard rotation needs an even head_dim
+        KVQuant(group_size=5, rotate=True).create_storage(0).append(*odd, 0)
+    KVQuant(group_size=5, rotate=False).create_storage(0).append(*odd, 0)  # unrotated: any head_dim
 
 
 def test_patched_tiny_model_close_to_full_precision_and_smaller():

@@ -28,6 +28,9 @@ def _check_count(name: str, value: Any, minimum: int) -> int:
     return value
 
 
+_ROTATE_CHOICES = ("auto", "keys", "values")  # besides True / False
+
+
 @functools.lru_cache(maxsize=32)
 def _shared_rotation(head_dim: int, seed: int, block: int | None, device: str) -> torch.Tensor:
     return rotation_matrix(head_dim, seed=seed, block_size=block, device=device)
@@ -41,8 +44,11 @@ class KVQuant:
         bits: code width for keys and values (2, 3, 4 or 8); ``key_bits`` / ``value_bits`` override it.
         group_size: G, tokens per key group (per-channel scale and zero) and the default value group.
         residual: R, most recent tokens kept in full precision (the window holds R to R + F - 1 tokens).
-        rotate: store keys and values Hadamard-rotated (random signs from ``seed``); ``"keys"`` or
-            ``"values"`` rotates only that one.
+        rotate: store keys and values Hadamard-rotated (random signs from ``seed``): ``True`` both, ``False``
+            neither, ``"keys"`` or ``"values"`` only that one. ``"auto"`` (the default) rotates both when the
+            narrowest code width (``min(key_bits, value_bits)``) is 2 bits, neither at 3 bits or more: on
+            SmolLM2 rotating both lowers perplexity by 3.4% at 2 bits, while at 3-4 bits the change is within
+            +-0.7% and flips sign between text lengths (``benchmarks/RESULTS.md``), so the matmuls are skipped.
         outlier_reorder: calibrate a channel permutation per layer from its first keys/values before the
             Hadamard (matters only for block-diagonal rotations, see ``rotation_block``).
         n_sink: the first ``n_sink`` tokens stay in full precision.
@@ -67,7 +73,7 @@ class KVQuant:
     bits: int = 4
     group_size: int = 32
     residual: int = 128
-    rotate: bool | str = True
+    rotate: bool | str = "auto"
     outlier_reorder: bool = False
     n_sink: int = 4
     rank: int = 0
@@ -87,8 +93,8 @@ class KVQuant:
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
-        if self.rotate not in (True, False, "keys", "values"):
-            raise ValueError(f"rotate must be True, False, 'keys' or 'values', got {self.rotate!r}")
+        if not (isinstance(self.rotate, bool) or (isinstance(self.rotate, str) and self.rotate in _ROTATE_CHOICES)):
+            raise ValueError(f"rotate must be 'auto', True, False, 'keys' or 'values', got {self.rotate!r}")
         for name in ("key_bits", "value_bits"):
             if getattr(self, name) is not None:
                 check_bits(getattr(self, name), name)
@@ -115,6 +121,16 @@ class KVQuant:
             not isinstance(self.fp_dtype, torch.dtype) or not self.fp_dtype.is_floating_point
         ):
             raise ValueError(f"fp_dtype must be None or a floating torch dtype, got {self.fp_dtype!r}")
+
+    @property
+    def rotated(self) -> tuple[bool, bool]:
+        """(rotate keys, rotate values), with ``rotate="auto"`` resolved from the code widths."""
+        if self.rotate == "auto":
+            both = min(self.key_bits or self.bits, self.value_bits or self.bits) <= 2
+            return both, both
+        if isinstance(self.rotate, str):
+            return self.rotate == "keys", self.rotate == "values"
+        return bool(self.rotate), bool(self.rotate)
 
     # -- the storage-spec protocol of the core cache ---------------------------------------------------------
     def create_storage(self, layer_idx: int):

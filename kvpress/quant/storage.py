@@ -18,9 +18,9 @@ or rounded to ``fp_dtype``): nothing dequantized is ever quantized again (evicti
 Rotation: keys are quantized as ``K @ R`` and values as ``V @ Rv``. :meth:`~QuantizedStorage.view` returns
 keys and values in that rotated basis with ``key_rotation=R`` / ``value_rotation=Rv`` so attention rotates the
 query and un-rotates its output. Sinks and residual are held unrotated and rotated on the fly (exact tokens
-keep the precision of ``fp_dtype``). Without outlier reordering ``R`` is a constant shared by every layer (like a
-weight, not counted in a layer's bytes); with reordering it is calibrated per layer from the first keys and
-values appended and counted.
+keep the precision of ``fp_dtype``). ``rotate="auto"`` (the default) rotates both at 2 bits, neither above.
+Without outlier reordering ``R`` is a constant shared by every layer (like a weight, not counted in a layer's
+bytes); with reordering it is calibrated per layer from the first keys and values appended and counted.
 
 Exact new tokens: the tokens of an ``append`` are in hand when attention runs right after it, so (with
 ``exact_new_tokens``, the default) the first :meth:`view` after an append shows them exactly, as KIVI and
@@ -249,13 +249,14 @@ class QuantizedStorage(KVStorage):
         self.dtype = keys.dtype
         self.fp_dtype = spec.fp_dtype or keys.dtype
         self.cfg = spec.body_config(d)
-        if spec.rotate:
+        rotate_keys, rotate_values = spec.rotated
+        if rotate_keys or rotate_values:
             self.key_rotation, self.value_rotation, self.rotation_owned = spec.rotations(
                 d, keys.device, keys if spec.outlier_reorder else None, values if spec.outlier_reorder else None
             )
-            if spec.rotate == "values":
+            if not rotate_keys:
                 self.key_rotation = None
-            elif spec.rotate == "keys":
+            if not rotate_values:
                 self.value_rotation = None
 
     @staticmethod
