@@ -166,8 +166,7 @@ def kvpress_attention(
         out, weights = base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     else:
         if layer_idx in session.inv_freq:
-            view, query = reposition(view, query, layer.seen_tokens, session.inv_freq[layer_idx])
-            layer.last_view = view
+            view = layer.last_view = reposition(view, layer.seen_tokens, session.inv_freq[layer_idx])
         q_len = query.shape[2]
         allowed = allowed_slots(attention_mask, view, layer.seen_tokens - q_len, q_len)
         out, weights = attend(query, view, allowed, scaling), None

@@ -7,9 +7,10 @@ positions *within the cache*: the ``n``-th held token sits at position ``n`` and
 tokens held.
 
 RoPE rotations compose (``R(a) R(b) = R(a + b)`` for every rope type whose frequencies do not depend on the
-sequence length), so this is done exactly at attention time, without touching what the cache stores: each held
-key is rotated by ``rank - position`` and the queries by ``held - seen``. Stored tensors stay as they are, so
-quantized storage is never re-quantized, and the correction is recomputed from the held positions each step.
+sequence length), so this is done exactly at attention time, without touching what the cache stores: the keys whose offset
+(``rank - position``) differs from that of the newest tokens are rotated by the difference, in a transient copy.
+Stored tensors stay as they are, so quantized storage is never re-quantized, and the correction is recomputed
+from the held positions each step.
 """
 
 from __future__ import annotations
@@ -59,44 +60,54 @@ def rotate(x: torch.Tensor, shift: torch.Tensor, inv_freq: torch.Tensor) -> torc
         inv_freq: ``[head_dim // 2]`` float64.
     """
     angle = shift.to(inv_freq.dtype).unsqueeze(-1) * inv_freq  # float64: large shifts stay exact enough
-    angle = torch.cat((angle, angle), dim=-1)
     cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
     half = x.shape[-1] // 2
-    rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated_half * sin
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def reposition(
-    view: AttentionView, query: torch.Tensor, seen_tokens: int, inv_freq: torch.Tensor
-) -> tuple[AttentionView, torch.Tensor]:
-    """Move held keys to their rank in the cache and this forward's queries to just after them.
+def reposition(view: AttentionView, seen_tokens: int, inv_freq: torch.Tensor) -> AttentionView:
+    """Make attention over ``view`` see every held key at its rank in the cache, the queries just after them.
+
+    Only relative positions matter to RoPE attention, and this forward's queries and newest keys already share
+    one offset (``held - seen``: they sit exactly ``seen - held`` positions above where re-positioning puts
+    them). So the queries are left as they are and each held key is rotated by the difference between its own
+    offset (``rank - position``) and that one. Keys already at the shared offset are untouched: for
+    StreamingLLM only the sinks move, which keeps the per-step cost at ``n_sink`` rotations.
 
     Args:
         view: the layer's attention view after this forward's tokens were appended; ``positions`` ``None``
-            means nothing was evicted and both are returned unchanged.
-        query: ``[batch, q_heads, q_len, head_dim]`` post-RoPE queries at their original positions.
+            means nothing was evicted and it is returned unchanged.
         seen_tokens: tokens seen by the layer, this forward's included.
         inv_freq: from :func:`rope_inv_freq`.
 
     Returns:
-        the view with keys ``[batch, kv_heads, seq, head_dim]`` rotated to positions ``0..held-1`` per head (and
-        held unrotated in the Hadamard sense: ``key_rotation`` is folded back), and the queries rotated to
-        ``held - q_len .. held - 1``. ``positions`` keeps the original positions for masking.
+        a view whose keys ``[batch, kv_heads, seq, head_dim]`` are rotated where needed (a copy; the stored
+        tensors are never modified). ``positions`` keeps the original positions, which masks still use.
     """
     if view.positions is None:
-        return view, query
+        return view
     keys = view.keys
-    if view.key_rotation is not None:  # held as K @ R: undo R before rotating in RoPE space
-        keys = keys @ view.key_rotation.to(keys.dtype).transpose(-1, -2)
     batch, kv_heads, seq = keys.shape[:3]
     if view.valid is None:
-        rank = torch.arange(seq, device=keys.device).expand(batch, kv_heads, seq)
-        held = torch.full((batch, kv_heads), seq, device=keys.device)
+        rank = torch.arange(seq, device=keys.device)
+        newest = seq - seen_tokens  # held - seen, the same for every head
+        shift = rank - view.positions - newest  # [batch, kv_heads, seq]
+        moved = shift != 0
     else:
         rank = view.valid.long().cumsum(-1) - 1
-        held = view.valid.sum(-1)
-    keys = rotate(keys, rank - view.positions, inv_freq.to(keys.device))
-    query_shift = (held - seen_tokens).repeat_interleave(query.shape[1] // kv_heads, dim=1)  # [batch, q_heads]
-    query = rotate(query, query_shift[:, :, None], inv_freq.to(query.device))
-    new_view = AttentionView(keys, view.values, view.positions, view.valid, None, view.value_rotation)
-    return new_view, query
+        newest = (view.valid.sum(-1) - seen_tokens).unsqueeze(-1)
+        shift = rank - view.positions - newest
+        moved = view.valid & (shift != 0)
+    where = moved.nonzero(as_tuple=True)  # one host sync; the slots to rotate
+    if where[0].numel() == 0:
+        return view
+    shift = shift[where]  # [n_moved]
+    picked = keys[where]  # [n_moved, head_dim]
+    if view.key_rotation is not None:  # held as K @ R: rotate in RoPE space, then back into the held basis
+        rotation = view.key_rotation.to(keys.dtype)
+        picked = rotate(picked @ rotation.transpose(-1, -2), shift, inv_freq.to(keys.device)) @ rotation
+    else:
+        picked = rotate(picked, shift, inv_freq.to(keys.device))
+    keys = keys.index_put(where, picked)  # out of place: the held tensor is never written
+    return AttentionView(keys, view.values, view.positions, view.valid, view.key_rotation, view.value_rotation)

@@ -81,26 +81,31 @@ def test_reposition_view_ragged_and_rotated_against_hf():
     view = AttentionView(held_keys @ rotation, held_keys, positions, valid, key_rotation=rotation)
     query = _hf_rotate(model, raw_q, torch.arange(seen - q_len, seen).expand(batch, q_len))
 
-    new_view, new_query = reposition(view, query, seen, inv_freq)
+    new_view = reposition(view, seen, inv_freq)
 
-    assert new_view.key_rotation is None and torch.equal(new_view.positions, positions)
+    assert torch.equal(new_view.positions, positions) and new_view.key_rotation is rotation
+    assert torch.equal(view.keys, held_keys @ rotation)  # the stored tensor is not modified
     for b in range(batch):
         for h in range(kv_heads):
             n = int(valid[b, h].sum())
-            expect = _hf_rotate(model, raw_k[b:b + 1, h:h + 1, valid[b, h]], torch.arange(n)[None])[0, 0]
-            torch.testing.assert_close(new_view.keys[b, h][valid[b, h]], expect, rtol=0, atol=HF_ANGLE_ATOL)
+            expect_k = _hf_rotate(model, raw_k[b:b + 1, h:h + 1, valid[b, h]], torch.arange(n)[None])[0, 0]
             for g in range(groups):
                 q_head = h * groups + g
                 expect_q = _hf_rotate(model, raw_q[b:b + 1, q_head:q_head + 1], torch.arange(n - q_len, n)[None])
-                torch.testing.assert_close(new_query[b, q_head], expect_q[0, 0], rtol=0, atol=HF_ANGLE_ATOL)
+                logits = (query[b, q_head] @ rotation) @ new_view.keys[b, h][valid[b, h]].T
+                torch.testing.assert_close(logits, expect_q[0, 0] @ expect_k.T, rtol=0, atol=HF_ANGLE_ATOL)
+            # keys already at the newest tokens' offset are left exactly as held
+            offset = torch.arange(n) - positions[b, h][valid[b, h]]
+            same = offset == n - seen
+            assert same[-q_len:].all()
+            torch.testing.assert_close(new_view.keys[b, h][valid[b, h]][same], view.keys[b, h][valid[b, h]][same],
+                                       rtol=0, atol=0)
 
 
 def test_nothing_evicted_is_unchanged():
     model = tiny_model("llama")
     view = AttentionView(torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16), None, None)
-    query = torch.randn(1, 4, 1, 16)
-    new_view, new_query = reposition(view, query, 4, rope_inv_freq(model, 0))
-    assert new_view is view and new_query is query
+    assert reposition(view, 4, rope_inv_freq(model, 0)) is view
 
 
 def _reference_after_streaming(model, ids, next_ids, n_sink, window):
