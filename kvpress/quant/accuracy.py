@@ -7,6 +7,10 @@ Perplexity through the cache (teacher forcing): the first ``prefill`` tokens go 
 forwards of ``chunk`` tokens, each reading the cache as stored (plus its own tokens, attended exactly, as a
 decoding step attends its own token) and appending to it. Only the tokens after the prefill are scored, so every
 scored token was predicted by a forward that read the compressed cache. ``chunk=1`` is token-by-token decoding.
+Bytes: ``kv_bytes`` / ``effective_bits`` are what the cache holds at the end; ``mean_effective_bits`` averages
+the effective bits after each scored forward, since caches with a full-precision window (kvpress' residual,
+transformers' ``QuantizedCache`` residual) hold more or fewer exact tokens depending on where the end falls in
+their flush cycle.
 
 Needle: a sentence ``The secret number is NNNNN.`` is hidden at several depths of a haystack; the haystack goes
 in one forward (the cache stores it), the question plus the start of the answer (``The secret number is``) in a
@@ -106,8 +110,9 @@ class PerplexityResult:
     perplexity: float
     nll: float  # mean negative log-likelihood (nats) of the scored tokens
     n_scored: int
-    kv_bytes: int
-    effective_bits: float
+    kv_bytes: int  # held at the end
+    effective_bits: float  # at the end
+    mean_effective_bits: float = 0.0  # mean over the states after each forward past the prefill
 
 
 @torch.no_grad()
@@ -124,6 +129,8 @@ def cache_perplexity(
     if not 0 < prefill < n:
         raise ValueError(f"prefill must be in (0, {n}), got {prefill}")
     nll = torch.zeros((), dtype=torch.float64)
+    kv_shape = _kv_shape(model)
+    step_bits: list[float] = []
     with _cache_for(model, policy, cache_factory) as cache:
         logits = model(ids[:, :prefill], past_key_values=cache, use_cache=True).logits[:, -1:]
         start = prefill
@@ -136,11 +143,12 @@ def cache_perplexity(
             nll += torch.nn.functional.cross_entropy(pred[0].double(), targets[0], reduction="sum")
             logits = out[:, -1:]
             start = stop
-        kv_bytes = cache_bytes(cache)
-        elements = cache_elements(cache, ids.shape[0], *_kv_shape(model))
+            kv_bytes = cache_bytes(cache)
+            elements = cache_elements(cache, ids.shape[0], *kv_shape)
+            step_bits.append(8.0 * kv_bytes / max(elements, 1))
     scored = n - prefill
     mean = float(nll) / scored
-    return PerplexityResult(math.exp(mean), mean, scored, kv_bytes, 8.0 * kv_bytes / max(elements, 1))
+    return PerplexityResult(math.exp(mean), mean, scored, kv_bytes, step_bits[-1], sum(step_bits) / len(step_bits))
 
 
 @dataclass

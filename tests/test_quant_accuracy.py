@@ -1,0 +1,91 @@
+"""kvpress.quant.accuracy on a tiny model: perplexity through the cache and its effective bits (end and mean)."""
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+import kvpress
+from kvpress.quant import KVQuant
+from kvpress.quant.accuracy import cache_perplexity
+
+
+@pytest.fixture(scope="module")
+def model_and_ids():
+    model = tiny_model("llama")  # float32, 2 layers, 2 KV heads, head_dim 16
+    ids = torch.randint(3, 128, (1, 60), generator=torch.Generator().manual_seed(0))
+    return model, ids
+
+
+def _bits_after_each_chunk(model, ids, prefill, chunk, spec):
+    """Effective bits of the cache after each forward past the prefill, replayed by hand."""
+    out = []
+    with torch.no_grad(), kvpress.patch(model, spec) as session:
+        cache = session.new_cache()
+        model(ids[:, :prefill], past_key_values=cache, use_cache=True)
+        for start in range(prefill, ids.shape[1], chunk):
+            model(ids[:, start : start + chunk], past_key_values=cache, use_cache=True)
+            n = start + min(chunk, ids.shape[1] - start)
+            out.append(8 * cache.nbytes() / (2 * 2 * n * 16 * 2))  # layers * kv_heads * tokens * head_dim * K,V
+    return out
+
+
+def test_dense_cache_is_32_bits(model_and_ids):
+    model, ids = model_and_ids
+    res = cache_perplexity(model, ids, 20, 8)
+    assert res.effective_bits == pytest.approx(32.0) and res.mean_effective_bits == pytest.approx(32.0)
+    assert res.n_scored == 40 and res.perplexity > 1
+
+
+def test_mean_effective_bits_average_the_scored_steps(model_and_ids):
+    model, ids = model_and_ids
+    # residual window 8..15 tokens (fp16), 4-token chunks: the window fills and empties along the run
+    spec = KVQuant(bits=2, group_size=8, residual=8, n_sink=2, fp_dtype=torch.float16)
+    res = cache_perplexity(model, ids, 20, 4, policy=spec)
+    steps = _bits_after_each_chunk(model, ids, 20, 4, spec)
+    assert len(steps) == 10 and max(steps) > min(steps)
+    assert res.effective_bits == pytest.approx(steps[-1])
+    assert res.mean_effective_bits == pytest.approx(sum(steps) / len(steps))
+    dense = cache_perplexity(model, ids, 20, 4)
+    assert res.kv_bytes < dense.kv_bytes / 2
+
+
+def _benchmark_module():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quant_accuracy.py"
+    spec = importlib.util.spec_from_file_location("quant_accuracy_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_matched_bits_configs_table_and_plot(tmp_path):
+    bench = _benchmark_module()
+    configs = bench.matched_bits()
+    names = [c.name for c in configs]
+    assert len(names) == len(set(names)) and names[0] == "fp32 cache"
+    kv = [c for c in configs if c.policy is not None]
+    assert kv and all(c.policy.fp_dtype == torch.float16 for c in kv)
+    assert {c.nbits for c in configs if c.backend == "quanto"} == {2, 4}
+    records = [
+        {"name": "fp32 cache", "bits": "32", "effective_bits": 32.0, "mean_effective_bits": 32.0, "kv_bytes": 100,
+         "perplexity": 10.0, "needle_score": 1.0, "needle_logprob": -0.1},
+        {"name": "HF quanto 2-bit G64 R16", "bits": "2", "effective_bits": 3.0, "mean_effective_bits": 3.0,
+         "kv_bytes": 10, "perplexity": 100.0, "needle_score": None, "needle_logprob": None},
+        {"name": "kvpress 2-bit +rot G64 R0", "bits": "2", "effective_bits": 3.06, "mean_effective_bits": 2.98,
+         "kv_bytes": 11, "perplexity": 11.0, "needle_score": 0.5, "needle_logprob": -0.3},
+        {"name": "HF quanto 4-bit G128 R16", "bits": "4", "error": "ValueError: no"},
+    ]  # fmt: skip
+    setup = {"tokens": 64, "prefill": 32, "chunk": 16, "needle_trials": 0, "needle_tokens": 0}
+    lines = bench.matched_table(records, setup).splitlines()
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| config")]
+    assert [r.split(" | ")[0][2:] for r in rows] == [
+        "kvpress 2-bit +rot G64 R0", "HF quanto 2-bit G64 R16", "fp32 cache", "HF quanto 4-bit G128 R16"
+    ]  # sorted by mean effective bits, failures last
+    assert "+10.0%" in rows[0] and "+900.0%" in rows[1]
+    pytest.importorskip("matplotlib")
+    out = bench.plot_matched(records, str(tmp_path / "plot.png"))
+    assert out is not None and (tmp_path / "plot.png").stat().st_size > 0
