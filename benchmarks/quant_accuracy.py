@@ -75,36 +75,18 @@ def matched_bits() -> list[Config]:
                                    (4, 64, 16), (4, 64, 128), (4, 32, 16)):  # fmt: skip
         out.append(Config(f"HF quanto {nbits}-bit G{group} R{residual}", str(nbits), backend="quanto", nbits=nbits,
                           params={"q_group_size": group, "residual_length": residual}))  # fmt: skip
-    half = {"fp_dtype": torch.float16}
-    kv = [
-        ("kvpress 2-bit G64 R0", "2", KVQuant(bits=2, group_size=64, residual=0, rotate=False, **half)),
-        ("kvpress 2-bit G32 R32", "2", KVQuant(bits=2, group_size=32, residual=32, rotate=False, **half)),
-        ("kvpress 2-bit G32 R64", "2", KVQuant(bits=2, group_size=32, residual=64, rotate=False, **half)),
-        ("kvpress 2-bit +rot G64 R0", "2", KVQuant(bits=2, group_size=64, residual=0, rotate=True, **half)),
-        ("kvpress 2-bit +rot G64 R32", "2", KVQuant(bits=2, group_size=64, residual=32, rotate=True, **half)),
-        ("kvpress 2-bit +rot G32 R0", "2", KVQuant(bits=2, group_size=32, residual=0, rotate=True, **half)),
-        ("kvpress 2-bit +rot G32 R32", "2", KVQuant(bits=2, group_size=32, residual=32, rotate=True, **half)),
-        ("kvpress 2-bit +rot G32 R64", "2", KVQuant(bits=2, group_size=32, residual=64, rotate=True, **half)),
-        ("kvpress 2-bit +rot G32 R96", "2", KVQuant(bits=2, group_size=32, residual=96, rotate=True, **half)),
-        ("kvpress 2-bit +rot G32 R128", "2", KVQuant(bits=2, group_size=32, residual=128, rotate=True, **half)),
-        ("kvpress 2-bit +rot +lowrank r1 F64 G64 R0", "2",
-         KVQuant(bits=2, group_size=64, residual=0, rotate=True, rank=1, lowrank_block=64, **half)),
-        ("kvpress 2-bit +rot +lowrank r1 F64 G64 R32", "2",
-         KVQuant(bits=2, group_size=64, residual=32, rotate=True, rank=1, lowrank_block=64, **half)),
-        ("kvpress 2-bit +rot +lowrank r2 F64 G64 R0", "2",
-         KVQuant(bits=2, group_size=64, residual=0, rotate=True, rank=2, lowrank_block=64, **half)),
-        ("kvpress 2-bit +rot +lowrank r2 F64 G32 R0", "2",
-         KVQuant(bits=2, group_size=32, residual=0, rotate=True, rank=2, lowrank_block=64, **half)),
-        ("kvpress 2-bit +rot +lowrank r2 F64 G32 R32", "2",
-         KVQuant(bits=2, group_size=32, residual=32, rotate=True, rank=2, lowrank_block=64, **half)),
-        ("kvpress 2-bit +rot +lowrank r2 F256 G64 R0", "2",
-         KVQuant(bits=2, group_size=64, residual=0, rotate=True, rank=2, lowrank_block=256, **half)),
-        # wider codes at the same bytes (rotate="auto" leaves 3 and 4 bits unrotated)
-        ("kvpress 3-bit G64 R0", "3", KVQuant(bits=3, group_size=64, residual=0, **half)),
-        ("kvpress 3-bit G32 R0", "3", KVQuant(bits=3, group_size=32, residual=0, **half)),
-        ("kvpress 4-bit G64 R0", "4", KVQuant(bits=4, group_size=64, residual=0, **half)),
-    ]  # fmt: skip
-    out += [Config(name, bits, spec, params=spec.params()) for name, bits, spec in kv]
+    # (bits, G, R, rotate, rank, F): fp16 sinks and window; 3 and 4 bits unrotated (rotate="auto")
+    kvpress = [(2, g, r, False, 0, 0) for g, r in ((64, 0), (32, 32), (32, 64))]
+    kvpress += [(2, g, r, True, 0, 0) for g, r in ((64, 0), (64, 32), (32, 0), (32, 32), (32, 64), (32, 96), (32, 128))]
+    kvpress += [(2, 64, 0, True, 1, 64), (2, 64, 32, True, 1, 64), (2, 64, 0, True, 2, 64), (2, 32, 0, True, 2, 64),
+                (2, 32, 32, True, 2, 64), (2, 64, 0, True, 2, 256)]
+    kvpress += [(3, 64, 0, False, 0, 0), (3, 32, 0, False, 0, 0), (4, 64, 0, False, 0, 0)]
+    for bits, group, residual, rotate, rank, block in kvpress:
+        name = f"kvpress {bits}-bit" + (" +rot" if rotate else "") + (f" +lowrank r{rank} F{block}" if rank else "")
+        lowrank = {"rank": rank, "lowrank_block": block} if rank else {}
+        spec = KVQuant(bits=bits, group_size=group, residual=residual, fp_dtype=torch.float16,
+                       **({"rotate": rotate} if bits == 2 else {}), **lowrank)
+        out.append(Config(f"{name} G{group} R{residual}", str(bits), spec, params=spec.params()))
     return out
 
 
