@@ -227,3 +227,21 @@ def test_bad_reposition_arguments():
             pass
     with kvpress.patch(model, StreamingLLM(window=8, reposition=False)):
         pass
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_left_padded_batch_equals_rows_run_alone(arch):
+    """Padding shifts a row's slots but not its rotary positions; re-positioning must not mix the two up."""
+    from tiny_models import left_padded_batch
+
+    model = tiny_model(arch, initializer_range=0.1).double()
+    ids, mask = left_padded_batch([20, 13], seed=6)
+    policy = StreamingLLM(n_sink=2, window=6)
+    kwargs = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                  pad_token_id=0)
+    with torch.no_grad(), kvpress.patch(model, policy):
+        batched = torch.stack(model.generate(ids, attention_mask=mask, **kwargs).logits, dim=1)
+        for row in range(2):
+            alone = ids[row:row + 1, mask[row].bool()]
+            single = torch.stack(model.generate(alone, **kwargs).logits, dim=1)
+            torch.testing.assert_close(batched[row:row + 1], single, rtol=0, atol=1e-8)
