@@ -26,7 +26,7 @@ from kvpress.cache import CompressedLayer, KVPressCache, StorageFactory, dense_s
 from kvpress.context import LayerContext
 from kvpress.policies.base import Policy
 from kvpress.policies.pipeline import Pipeline, is_storage_spec
-from kvpress.reposition import reposition, rope_inv_freq
+from kvpress.reposition import reposition, rope_inv_freqs
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 # Model types tested in the suite. Others that follow transformers' AttentionInterface design usually work:
@@ -70,7 +70,7 @@ class PatchSession:
         # Rotary frequencies per layer when the policy attends at positions within the cache.
         self.inv_freq: dict[int, torch.Tensor] = {}
         if self.policy is not None and getattr(self.policy, "reposition", False):
-            self.inv_freq = {i: rope_inv_freq(model, i) for i in range(self.num_layers)}
+            self.inv_freq = dict(enumerate(rope_inv_freqs(model)))
 
     def new_cache(self) -> KVPressCache:
         """An empty compressed cache for this model and policy, to pass as ``past_key_values``."""

@@ -7,8 +7,9 @@ positions *within the cache*: the ``n``-th held token sits at position ``n`` and
 tokens held.
 
 RoPE rotations compose (``R(a) R(b) = R(a + b)`` for every rope type whose frequencies do not depend on the
-sequence length), so this is done exactly at attention time, without touching what the cache stores: the keys whose offset
-(``rank - position``) differs from that of the newest tokens are rotated by the difference, in a transient copy.
+sequence length), so this is done exactly at attention time, without touching what the cache stores: the keys
+whose offset (``rank - position``) differs from that of the newest tokens are rotated by the difference, in a
+transient copy.
 Stored tensors stay as they are, so quantized storage is never re-quantized, and the correction is recomputed
 from the held positions each step.
 """
@@ -24,31 +25,33 @@ from kvpress.storage import AttentionView
 REPOSITION_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
-def rope_inv_freq(model: nn.Module, layer_idx: int) -> torch.Tensor:
-    """The inverse frequencies ``[head_dim // 2]`` of the RoPE used by layer ``layer_idx`` of ``model``.
+def rope_inv_freqs(model: nn.Module) -> list[torch.Tensor]:
+    """The RoPE inverse frequencies ``[head_dim // 2]`` (float64) of every decoder layer of ``model``.
+
+    Layers of one type share one tensor (Gemma 3 has a rope per layer type; the others one for all layers).
 
     Raises:
         ValueError: the model has no rotary embedding kvpress can find, or its rope type rescales frequencies
             with the sequence length (``dynamic``, ``longrope``), so rotations do not compose.
     """
     config = model.config.get_text_config(decoder=True)
-    layer_types = getattr(config, "layer_types", None)
-    layer_type = layer_types[layer_idx] if layer_types else None
+    layer_types = getattr(config, "layer_types", None) or [None] * config.num_hidden_layers
     rotary = next((m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")), None)
     if rotary is None:
         raise ValueError(f"reposition: found no rotary embedding in {type(model).__name__}")
-    rope_type = rotary.rope_type
-    if isinstance(rope_type, dict):  # one rope per layer type (Gemma 3)
-        rope_type = rope_type[layer_type]
-    if rope_type not in REPOSITION_ROPE_TYPES:
-        raise ValueError(
-            f"reposition needs a rope type with fixed frequencies ({', '.join(REPOSITION_ROPE_TYPES)}); this model "
-            f"uses {rope_type!r}: pass reposition=False to the policy"
-        )
-    inv_freq = getattr(rotary, f"{layer_type}_inv_freq", None) if layer_type else None
-    if inv_freq is None:
-        inv_freq = rotary.inv_freq
-    return inv_freq.detach().double()
+    by_type: dict[str | None, torch.Tensor] = {}
+    for layer_type in dict.fromkeys(layer_types):
+        rope_type = rotary.rope_type
+        if isinstance(rope_type, dict):  # one rope per layer type (Gemma 3)
+            rope_type = rope_type[layer_type]
+        if rope_type not in REPOSITION_ROPE_TYPES:
+            raise ValueError(
+                f"reposition needs a rope type with fixed frequencies ({', '.join(REPOSITION_ROPE_TYPES)}); this "
+                f"model uses {rope_type!r}: pass reposition=False to the policy"
+            )
+        inv_freq = getattr(rotary, f"{layer_type}_inv_freq", None) if layer_type else None
+        by_type[layer_type] = (rotary.inv_freq if inv_freq is None else inv_freq).detach().double()
+    return [by_type[layer_type] for layer_type in layer_types]
 
 
 def rotate(x: torch.Tensor, shift: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -79,7 +82,7 @@ def reposition(view: AttentionView, seen_tokens: int, inv_freq: torch.Tensor) ->
         view: the layer's attention view after this forward's tokens were appended; ``positions`` ``None``
             means nothing was evicted and it is returned unchanged.
         seen_tokens: tokens seen by the layer, this forward's included.
-        inv_freq: from :func:`rope_inv_freq`.
+        inv_freq: the layer's entry of :func:`rope_inv_freqs`.
 
     Returns:
         a view whose keys ``[batch, kv_heads, seq, head_dim]`` are rotated where needed (a copy; the stored

@@ -10,7 +10,7 @@ from transformers.cache_utils import DynamicCache
 import kvpress
 from kvpress.policies import Policy, StreamingLLM
 from kvpress.quant import KVQuant
-from kvpress.reposition import reposition, rope_inv_freq, rotate
+from kvpress.reposition import reposition, rope_inv_freqs, rotate
 from kvpress.storage import AttentionView
 
 # transformers computes RoPE angles in float32 even for a float64 model; kvpress computes its shifts in float64.
@@ -40,7 +40,7 @@ def test_rotate_matches_transformers_rope_and_composes(arch):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 5, dim, dtype=torch.float64, generator=gen)
     pos = torch.randint(0, 5000, (2, 5), generator=gen)
-    inv_freq = rope_inv_freq(model, 0)
+    inv_freq = rope_inv_freqs(model)[0]
     ours = rotate(x, pos[:, None, :], inv_freq)
     # float64 reference as complex multiplication of the (i, i + dim/2) pairs
     z = torch.complex(x[..., : dim // 2], x[..., dim // 2:]) * torch.polar(
@@ -60,7 +60,7 @@ def test_rotate_matches_transformers_rope_and_composes(arch):
 def test_reposition_view_ragged_and_rotated_against_hf():
     """Invalid slots inside a head (quantized ragged layout), a Hadamard-held key basis, GQA queries."""
     model = tiny_model("llama").double()
-    inv_freq = rope_inv_freq(model, 0)
+    inv_freq = rope_inv_freqs(model)[0]
     gen = torch.Generator().manual_seed(1)
     batch, kv_heads, groups, seq, dim, q_len, seen = 2, 2, 2, 7, 16, 2, 40
     raw_k = torch.randn(batch, kv_heads, seq, dim, dtype=torch.float64, generator=gen)
@@ -105,7 +105,7 @@ def test_reposition_view_ragged_and_rotated_against_hf():
 def test_nothing_evicted_is_unchanged():
     model = tiny_model("llama")
     view = AttentionView(torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16), None, None)
-    assert reposition(view, 4, rope_inv_freq(model, 0)) is view
+    assert reposition(view, 4, rope_inv_freqs(model)[0]) is view
 
 
 def _reference_after_streaming(model, ids, next_ids, n_sink, window):
