@@ -39,6 +39,13 @@ from kvpress.models import load_model  # noqa: E402
 
 RUNS = ("token", "chunked", "full")
 EXTRA_RUNS = ("nosink", "original")
+# StreamingLLM runs: name -> (result label, parameter overrides, feeding mode)
+STREAMING_RUNS = {
+    "token": ("streaming_llm[token]", {}, "token"),
+    "chunked": ("streaming_llm[chunked]", {}, "chunked"),
+    "nosink": ("streaming_llm[chunked, n_sink=0]", {"n_sink": 0}, "chunked"),
+    "original": ("streaming_llm[chunked, reposition=False]", {"reposition": False}, "chunked"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,20 +85,11 @@ def main(argv: list[str] | None = None) -> int:
                 model, ids, policy=None, policy_name="full", mode="chunked", chunk_size=args.full_chunk_size,
                 cache="dynamic", **common,
             )
-        elif run == "nosink":
-            results["streaming_llm[chunked, n_sink=0]"] = evaluate_perplexity(
-                model, ids, policy=build_policy("streaming_llm", {**params, "n_sink": 0}, mode="chunked"),
-                policy_name="streaming_llm", mode="chunked", chunk_size=args.chunk_size, **common,
-            )
-        elif run == "original":
-            results["streaming_llm[chunked, reposition=False]"] = evaluate_perplexity(
-                model, ids, policy=build_policy("streaming_llm", {**params, "reposition": False}, mode="chunked"),
-                policy_name="streaming_llm", mode="chunked", chunk_size=args.chunk_size, **common,
-            )
         else:
-            results[f"streaming_llm[{run}]"] = evaluate_perplexity(
-                model, ids, policy=build_policy("streaming_llm", params, mode=run), policy_name="streaming_llm",
-                mode=run, chunk_size=args.chunk_size, **common,
+            label, overrides, mode = STREAMING_RUNS[run]
+            results[label] = evaluate_perplexity(
+                model, ids, policy=build_policy("streaming_llm", {**params, **overrides}, mode=mode),
+                policy_name="streaming_llm", mode=mode, chunk_size=args.chunk_size, **common,
             )
         if args.out:  # keep what is done so far if a later run is interrupted
             write_json(args.out, results, config=_config(args, ids, load_start, started))
