@@ -9,8 +9,13 @@ HAS_GPU    := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/d
 TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PYTEST_ARGS ?=
+# The oldest transformers release kvpress supports (pyproject's lower bound). `make test` also runs the unit tier
+# on it, in a second environment, so that an API change between it and the newest release fails CI, not users.
+TRANSFORMERS_LOWEST := $(shell sed -n 's/.*"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
+LOWEST       := .venv-lowest
+LOWEST_STAMP := $(LOWEST)/.kvpress-installed-$(TRANSFORMERS_LOWEST)
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup setup-lowest demo test test-current test-lowest test-fast bench clean
 
 setup: $(STAMP)
 
@@ -25,13 +30,29 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/kvpress demo
 
-# Whole suite, slow SmolLM2 tier included (that is what CI runs).
-test: $(STAMP)
+$(LOWEST_STAMP): pyproject.toml
+	test -x $(LOWEST)/bin/python || $(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install -q $(FIND_LINKS) "$(TORCH_SPEC)"
+	$(LOWEST)/bin/python -m pip install -q $(FIND_LINKS) -e ".[dev,eval]" "transformers==$(TRANSFORMERS_LOWEST)"
+	rm -f $(LOWEST)/.kvpress-installed-*
+	touch $(LOWEST_STAMP)
+
+setup-lowest: $(LOWEST_STAMP)
+
+# What CI runs: the whole suite (slow SmolLM2 tier included) on the transformers `make setup` installs (the newest
+# release pip allows), then the unit tier on the lowest supported release.
+test: test-current test-lowest
+
+test-current: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+test-lowest: $(LOWEST_STAMP)
+	@$(LOWEST)/bin/python -c "import transformers as t; print('unit tier on transformers', t.__version__)"
+	HF_HUB_OFFLINE=1 $(LOWEST)/bin/python -m pytest -n 2 -m "not slow" -q $(PYTEST_ARGS)
 
 # Unit tier only: tiny random models, seconds.
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(LOWEST) build *.egg-info

@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kvpress  # noqa: E402
+from kvpress.compat import cache_kwargs  # noqa: E402
 from kvpress.eval.perplexity import load_text, tokenize_text  # noqa: E402
 from kvpress.policies import StreamingLLM  # noqa: E402
 
@@ -31,11 +32,11 @@ def step_times(model, ids: torch.Tensor, policy, steps: int) -> list[float]:
     times = []
     with torch.no_grad(), kvpress.patch(model, policy) as session:
         cache = session.new_cache()
-        out = model(ids, past_key_values=cache, use_cache=True)
+        out = model(ids, **cache_kwargs(model, cache), use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
         for _ in range(steps):
             start = time.perf_counter()
-            out = model(token, past_key_values=cache, use_cache=True)
+            out = model(token, **cache_kwargs(model, cache), use_cache=True)
             times.append(time.perf_counter() - start)
             token = out.logits[:, -1:].argmax(-1)
     return times

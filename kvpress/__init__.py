@@ -8,6 +8,7 @@
 
 from kvpress import policies
 from kvpress.cache import CompressedLayer, KVPressCache, LayerReport
+from kvpress.compat import cache_argument, cache_kwargs, output_cache
 from kvpress.context import LayerContext
 from kvpress.models import DEFAULT_MODEL, load_model
 from kvpress.patching import SUPPORTED_ATTENTION, SUPPORTED_MODEL_TYPES, PatchSession, patch
@@ -32,6 +33,9 @@ __all__ = [
     "StreamingLLM",
     "KVQuant",
     "get_policy",
+    "cache_argument",
+    "cache_kwargs",
+    "output_cache",
     "policies",
     "SUPPORTED_ATTENTION",
     "SUPPORTED_MODEL_TYPES",

@@ -8,7 +8,9 @@ from typing import Any, Callable
 
 import torch
 from transformers import PretrainedConfig
-from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin, get_layer_types_and_kwargs
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin
+
+from kvpress.compat import cache_layer_specs
 
 from kvpress.storage import AttentionView, DenseStorage, KVStorage
 
@@ -151,9 +153,8 @@ class KVPressCache(Cache):
     def __init__(self, config: PretrainedConfig, storage_factory: StorageFactory | None = None):
         self.storage_factory = storage_factory or dense_storage_factory
         text_config = config.get_text_config(decoder=True)
-        layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
         layers: list[Any] = []
-        for idx, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
+        for idx, (kind, kwargs) in enumerate(cache_layer_specs(text_config)):
             if kind == "full_attention":
                 layers.append(CompressedLayer(self.storage_factory, idx))
             else:
@@ -206,6 +207,23 @@ class KVPressCache(Cache):
                 )
             )
         return out
+
+    def __repr__(self) -> str:
+        """One line (layer count, storage kinds, tokens held, bytes): messages that print a cache stay short."""
+        kinds: dict[str, int] = {}
+        held, seen = 0, 0
+        for layer in self.layers:
+            compressed = isinstance(layer, CompressedLayer)
+            kind = type(layer.storage).__name__ if compressed and layer.is_initialized else type(layer).__name__
+            kinds[kind] = kinds.get(kind, 0) + 1
+            if compressed and layer.is_initialized:
+                held = max(held, layer.storage.max_length)
+                seen = max(seen, layer.seen_tokens)
+        kinds_text = ", ".join(f"{n}x {k}" for k, n in kinds.items())
+        return (
+            f"KVPressCache({len(self.layers)} layers: {kinds_text}; at most {held} of {seen} tokens held per head; "
+            f"{self.nbytes():,} bytes)"
+        )
 
     def clone(self) -> "KVPressCache":
         """A deep copy: fan one prefill out to several compression settings."""

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 import kvpress
+from kvpress.compat import output_cache
 from kvpress.models import DEFAULT_MODEL, load_model
 from kvpress.policies import SnapKV, StreamingLLM
 
@@ -62,7 +63,7 @@ def run_demo(model_name: str = DEFAULT_MODEL, length: int = 1536, depth: float =
                                  return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
         seconds = time.perf_counter() - start
         text = tokenizer.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True).strip()
-        rows.append(DemoRow(label, text, answer in text, out.past_key_values.nbytes(), seconds))
+        rows.append(DemoRow(label, text, answer in text, output_cache(out).nbytes(), seconds))
     return rows, ids.shape[1], answer
 
 

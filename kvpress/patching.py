@@ -23,6 +23,13 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 from kvpress.attention import allowed_slots, attend
 from kvpress.cache import CompressedLayer, KVPressCache, StorageFactory, dense_storage_factory
+from kvpress.compat import (
+    CACHE_ARGUMENT_NAMES,
+    TRANSFORMERS_VERSION,
+    cache_argument,
+    cache_position_index,
+    output_cache,
+)
 from kvpress.context import LayerContext
 from kvpress.policies.base import Policy
 from kvpress.policies.pipeline import Pipeline, is_storage_spec
@@ -66,36 +73,86 @@ class PatchSession:
         self.text_config = model.config.get_text_config(decoder=True)
         self.num_layers = self.text_config.num_hidden_layers
         self.base_impl: str = model.config._attn_implementation
+        self.decoder: nn.Module = model.base_model if model.base_model is not model else model
+        # The decoder's own name for its cache argument ("cache" since transformers 5.24, "past_key_values" before).
+        self.cache_arg = cache_argument(self.decoder)
+        self.cache_index = cache_position_index(self.decoder)
         self.active_cache: KVPressCache | None = None
+        self.forward_seen = False  # the decoder pre-hook ran for the forward in progress
+        self.seen = ""  # what the pre-hook saw, for error messages
         # Rotary frequencies per layer when the policy attends at positions within the cache.
         self.inv_freq: dict[int, torch.Tensor] = {}
         if self.policy is not None and getattr(self.policy, "reposition", False):
             self.inv_freq = dict(enumerate(rope_inv_freqs(model)))
 
     def new_cache(self) -> KVPressCache:
-        """An empty compressed cache for this model and policy, to pass as ``past_key_values``."""
+        """An empty compressed cache for this model and policy, to pass to the model as its cache argument
+        (``model(ids, **kvpress.cache_kwargs(model, cache))``; ``cache=`` on transformers >= 5.24)."""
         return KVPressCache(self.model.config, self.storage_factory)
 
     # -- hooks -----------------------------------------------------------------------------------------------
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Hand the decoder a KVPressCache wherever transformers would use or build a plain one."""
         self.active_cache = None
-        cache = kwargs.get("past_key_values")
+        self.forward_seen = True
+        name = self.cache_arg
+        for alias in CACHE_ARGUMENT_NAMES:  # a caller may use the other spelling; pass the declared one on
+            if alias != name and alias in kwargs:
+                value = kwargs.pop(alias)
+                if value is not None:
+                    if kwargs.get(name) is not None:
+                        raise ValueError(f"both {name!r} and {alias!r} were passed to {type(module).__name__}.forward")
+                    kwargs[name] = value
+        positional = self.cache_index is not None and len(args) > self.cache_index
+        cache = args[self.cache_index] if positional else kwargs.get(name)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(self.model.config, "use_cache", True)
+        self.seen = f"{name}={type(cache).__name__}"
         if isinstance(cache, KVPressCache):
             self.active_cache = cache
-        elif cache is None and use_cache and len(args) <= 3:
-            kwargs["past_key_values"] = self.active_cache = self.new_cache()
+            return args, kwargs
+        if cache is None and use_cache:
+            replacement = self.new_cache()
         elif type(cache) is DynamicCache and cache.get_seq_length() == 0:
-            # generate() prepares an empty DynamicCache; replace it with ours.
-            kwargs["past_key_values"] = self.active_cache = self.new_cache()
+            replacement = self.new_cache()  # generate() prepares an empty DynamicCache; replace it with ours.
         elif isinstance(cache, Cache):
             raise ValueError(
-                f"kvpress.patch: past_key_values is a {type(cache).__name__} that already holds tokens; "
+                f"kvpress.patch: {name} is a {type(cache).__name__} that already holds tokens; "
                 "pass a kvpress cache (session.new_cache()) or none"
             )
+        else:
+            return args, kwargs  # no caching in this forward
+        self.active_cache = replacement
+        if positional:
+            args = (*args[: self.cache_index], replacement, *args[self.cache_index + 1 :])
+        else:
+            kwargs[name] = replacement
         return args, kwargs
+
+    def _post_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """Raise if this forward ran with caching on but not through kvpress (never a silent no-op)."""
+        self.forward_seen = False
+        cache = self.active_cache
+        if cache is None:
+            return
+        returned = output_cache(output)
+        if returned is not None and returned is not cache:
+            self._not_applied(f"the decoder returned a {type(returned).__name__}, not the kvpress cache it was given")
+        for layer in cache.layers:
+            if isinstance(layer, CompressedLayer) and layer.last_view is not None:
+                layer.last_view = None
+                self._not_applied(
+                    f"layer {layer.layer_idx} stored its keys in the kvpress cache but attention did not run "
+                    f"through kvpress (attention implementation {self.model.config._attn_implementation!r})"
+                )
+
+    def _not_applied(self, what: str) -> None:
+        raise RuntimeError(
+            f"kvpress.patch did not take effect on transformers {TRANSFORMERS_VERSION}: {what}; the decoder "
+            f"forward was called with {self.seen} (kvpress passes its cache as {self.cache_arg!r}, the name "
+            f"{type(self.decoder).__name__}.forward declares). Please report this with your transformers version."
+        )
 
     def base_attention(self, module: nn.Module):
         if self.base_impl == "sdpa":
@@ -154,8 +211,15 @@ def kvpress_attention(
     layer = cache.layers[layer_idx] if cache is not None and layer_idx is not None else None
     if session is None:
         raise RuntimeError("kvpress attention called on a module that is not under kvpress.patch")
+    if not session.forward_seen:
+        session._not_applied(f"attention of layer {layer_idx} ran without the decoder pre-hook having run")
     base = session.base_attention(module)
-    if not isinstance(layer, CompressedLayer) or layer.last_view is None:
+    if isinstance(layer, CompressedLayer) and layer.last_view is None:
+        session._not_applied(
+            f"attention of layer {layer_idx} ran but the kvpress cache handed to the decoder was never updated "
+            "(the model used another cache)"
+        )
+    if not isinstance(layer, CompressedLayer):
         return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
     view = layer.last_view
@@ -236,21 +300,21 @@ def patch(model: PreTrainedModel, policy: Any = None, *, allow_untested: bool = 
         raise RuntimeError("this model is already under kvpress.patch; nested or concurrent patching is refused")
     _check_supported(model, allow_untested)
     session = PatchSession(model, policy)
-    decoder = model.base_model if model.base_model is not model else model
     modules = _attention_modules(model)
     original_impl = session.base_impl
 
     _MODEL_SESSIONS[model] = session
-    handle = None
+    handles = []
     try:
         name = _register_attention(original_impl)
         for module in modules:
             _MODULE_SESSIONS[module] = session
-        handle = decoder.register_forward_pre_hook(session._pre_forward, with_kwargs=True)
+        handles.append(session.decoder.register_forward_pre_hook(session._pre_forward, with_kwargs=True))
+        handles.append(session.decoder.register_forward_hook(session._post_forward))
         model.set_attn_implementation(name)
         yield session
     finally:
-        if handle is not None:
+        for handle in handles:
             handle.remove()
         if model.config._attn_implementation != original_impl:
             model.set_attn_implementation(original_impl)

@@ -5,6 +5,7 @@ import torch
 from tiny_models import left_padded_batch, tiny_model
 
 import kvpress
+from kvpress.compat import cache_kwargs
 from kvpress.policies import Policy
 from kvpress.storage import DenseStorage, RaggedStorage
 
@@ -63,7 +64,7 @@ def test_evicted_attention_matches_masked_reference(arch, ragged, attn):
     prompt_positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with kvpress.patch(model, DropPositions(drop)) as session:
         cache = session.new_cache()
-        model(ids, attention_mask=mask, position_ids=prompt_positions, past_key_values=cache, use_cache=True)
+        model(ids, attention_mask=mask, position_ids=prompt_positions, **cache_kwargs(model, cache), use_cache=True)
         storage = cache.layers[0].storage
         assert isinstance(storage, RaggedStorage if ragged else DenseStorage)
         assert torch.equal(storage.lengths(), (~drop).sum(-1))
@@ -73,16 +74,16 @@ def test_evicted_attention_matches_masked_reference(arch, ragged, attn):
             attn_mask = torch.cat([attn_mask, torch.ones(batch, 1, dtype=torch.long)], dim=1)
             position_ids = attn_mask.cumsum(-1)[:, -1:] - 1
             out = model(next_ids[:, t : t + 1], attention_mask=attn_mask, position_ids=position_ids,
-                        past_key_values=cache, use_cache=True)
+                        **cache_kwargs(model, cache), use_cache=True)
             got.append(out.logits)
         got = torch.cat(got, dim=1)
         # a multi-token forward after eviction (causal inside the chunk)
         chunk_cache = session.new_cache()
-        model(ids, attention_mask=mask, position_ids=prompt_positions, past_key_values=chunk_cache, use_cache=True)
+        model(ids, attention_mask=mask, position_ids=prompt_positions, **cache_kwargs(model, chunk_cache), use_cache=True)
         full_mask = torch.cat([mask, torch.ones_like(next_ids)], dim=1)
         position_ids = full_mask.cumsum(-1)[:, width:] - 1
         chunk = model(next_ids, attention_mask=full_mask, position_ids=position_ids,
-                      past_key_values=chunk_cache, use_cache=True).logits
+                      **cache_kwargs(model, chunk_cache), use_cache=True).logits
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(chunk, expected, atol=2e-5, rtol=1e-4)
 

@@ -9,12 +9,13 @@ import torch
 
 pytest.importorskip("lm_eval")
 
+from eval_fixtures import byte_tokenizer, tiny_llama  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.api.registry import get_model  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
-from eval_fixtures import byte_tokenizer, tiny_llama  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
+from kvpress.compat import cache_kwargs
 from kvpress.eval.lm_eval_adapter import KVPressLM, kvpress_task_manager  # noqa: E402
 
 CONTEXT = (
@@ -58,8 +59,8 @@ def test_no_policy_matches_unpatched_forward_exactly(model_and_tokenizer):
     with torch.inference_mode():
         for _, ctx, cont in encoded:
             cache = DynamicCache(config=model.config)
-            last = model(input_ids=torch.tensor([ctx]), past_key_values=cache).logits[0, -1:]
-            rest = model(input_ids=torch.tensor([cont[:-1]]), past_key_values=cache).logits[0]
+            last = model(input_ids=torch.tensor([ctx]), **cache_kwargs(model, cache)).logits[0, -1:]
+            rest = model(input_ids=torch.tensor([cont[:-1]]), **cache_kwargs(model, cache)).logits[0]
             logp = torch.log_softmax(torch.cat([last, rest]).float(), -1)
             expected.append(float(logp.gather(-1, torch.tensor(cont)[:, None]).squeeze(-1).double().sum()))
     assert len(encoded) == len(REQUESTS)

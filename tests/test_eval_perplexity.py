@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from eval_fixtures import byte_tokenizer, tiny_llama
 
+from kvpress.compat import cache_kwargs
 from kvpress.eval.perplexity import (
     _piece_sizes,
     build_policy,
@@ -97,7 +98,7 @@ def test_streaming_cache_is_bounded(model, ids):
     sizes = []
     with open_cache(model, policy) as cache, torch.inference_mode():
         for t in range(100):
-            model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, t : t + 1], **cache_kwargs(model, cache), use_cache=True)
             sizes.append(cache_nbytes(cache))
     per_token = kv_bytes_per_token(model)
     held = n_sink + window

@@ -5,6 +5,7 @@ import torch
 from tiny_models import ARCHITECTURES, left_padded_batch, tiny_model
 
 import kvpress
+from kvpress.compat import cache_kwargs, output_cache
 from kvpress.policies import SnapKV
 
 ARCHS = list(ARCHITECTURES)
@@ -20,16 +21,16 @@ def test_forward_logits_identical(arch, attn, policy):
     policy = SnapKV(compression_ratio=0.0, window=4) if policy == "ratio0" else None
     with kvpress.patch(model, policy):
         out = model(ids, attention_mask=mask, use_cache=True)
-        assert isinstance(out.past_key_values, kvpress.KVPressCache)
+        assert isinstance(output_cache(out), kvpress.KVPressCache)
         # a decoding step through the cache
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         mask2 = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-        step = model(nxt, attention_mask=mask2, past_key_values=out.past_key_values, use_cache=True)
-    ref_step = model(nxt, attention_mask=mask2, past_key_values=ref.past_key_values, use_cache=True)
+        step = model(nxt, attention_mask=mask2, **cache_kwargs(model, output_cache(out)), use_cache=True)
+    ref_step = model(nxt, attention_mask=mask2, **cache_kwargs(model, output_cache(ref)), use_cache=True)
     assert torch.equal(out.logits, ref.logits)
     assert torch.equal(step.logits, ref_step.logits)
-    assert out.past_key_values.nbytes() == sum(
-        layer.keys.numel() * layer.keys.element_size() * 2 for layer in ref.past_key_values.layers
+    assert output_cache(out).nbytes() == sum(
+        layer.keys.numel() * layer.keys.element_size() * 2 for layer in output_cache(ref).layers
     )
 
 
@@ -42,7 +43,7 @@ def test_greedy_generate_identical(arch, batch):
     ref = model.generate(ids, **kwargs, output_logits=True, return_dict_in_generate=True)
     with kvpress.patch(model, None):
         out = model.generate(ids, **kwargs, output_logits=True, return_dict_in_generate=True)
-    assert isinstance(out.past_key_values, kvpress.KVPressCache)
+    assert isinstance(output_cache(out), kvpress.KVPressCache)
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits):
         assert torch.equal(a, b)

@@ -8,6 +8,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
 import kvpress
+from kvpress.compat import cache_kwargs, output_cache
 from kvpress.policies import SnapKV, StreamingLLM
 
 
@@ -36,7 +37,7 @@ def test_restored_after_exception(attn):
     assert "kvpress_eager" not in AttentionMaskInterface._global_mapping
     out = model(ids, attention_mask=mask, use_cache=True)
     assert torch.equal(out.logits, before_logits)
-    assert type(out.past_key_values) is DynamicCache
+    assert type(output_cache(out)) is DynamicCache
 
 
 def test_nested_patch_refused_and_outer_survives():
@@ -47,7 +48,7 @@ def test_nested_patch_refused_and_outer_survives():
                 pass
         # the outer patch is still active
         out = model(torch.randint(3, 100, (1, 8)), use_cache=True)
-        assert isinstance(out.past_key_values, kvpress.KVPressCache)
+        assert isinstance(output_cache(out), kvpress.KVPressCache)
     assert model.config._attn_implementation == "sdpa"
 
 
@@ -55,8 +56,8 @@ def test_two_models_patched_at_once_keep_their_policies():
     a, b = tiny_model("llama", seed=0), tiny_model("qwen2", seed=1)
     ids = torch.randint(3, 100, (1, 40))
     with kvpress.patch(a, StreamingLLM(n_sink=2, window=8)), kvpress.patch(b, None):
-        ca = a(ids, use_cache=True).past_key_values
-        cb = b(ids, use_cache=True).past_key_values
+        ca = output_cache(a(ids, use_cache=True))
+        cb = output_cache(b(ids, use_cache=True))
     assert ca.report()[0].tokens_max == 10
     assert cb.report()[0].tokens_max == 40
 
@@ -89,10 +90,10 @@ def test_bad_policy_object():
 def test_non_empty_foreign_cache_refused():
     model = tiny_model("llama")
     ids = torch.randint(3, 100, (1, 8))
-    cache = model(ids, use_cache=True).past_key_values
+    cache = output_cache(model(ids, use_cache=True))
     with kvpress.patch(model):
         with pytest.raises(ValueError, match="already holds tokens"):
-            model(ids[:, :1], past_key_values=cache, use_cache=True)
+            model(ids[:, :1], **cache_kwargs(model, cache), use_cache=True)
 
 
 def test_explicit_cache_and_positions_after_eviction():
@@ -101,10 +102,10 @@ def test_explicit_cache_and_positions_after_eviction():
     ids = torch.randint(3, 100, (1, 30))
     with kvpress.patch(model, StreamingLLM(n_sink=2, window=6)) as session:
         cache = session.new_cache()
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_kwargs(model, cache), use_cache=True)
         assert cache.get_seq_length() == 30
         assert cache.report()[0].tokens_max == 8
-        model(ids[:, :1], past_key_values=cache, use_cache=True)
+        model(ids[:, :1], **cache_kwargs(model, cache), use_cache=True)
         assert cache.get_seq_length() == 31
         positions = cache.layers[0].storage.view().positions
     assert positions[0, 0].tolist() == [0, 1, 25, 26, 27, 28, 29, 30]
@@ -116,5 +117,5 @@ def test_use_cache_false_is_untouched():
     ref = model(ids, use_cache=False).logits
     with kvpress.patch(model, SnapKV(compression_ratio=0.5, window=2)):
         out = model(ids, use_cache=False)
-    assert out.past_key_values is None
+    assert output_cache(out) is None
     assert torch.equal(out.logits, ref)

@@ -7,6 +7,7 @@ import torch
 from tiny_models import left_padded_batch, tiny_model
 
 import kvpress
+from kvpress.compat import cache_kwargs, output_cache
 from kvpress.context import LayerContext
 from kvpress.policies import Pipeline, SnapKV, StreamingLLM, available_policies, get_policy, keep_topk
 
@@ -107,7 +108,7 @@ def test_streaming_llm_bounded_during_generation(arch):
     with kvpress.patch(model, policy):
         out = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0,
                              return_dict_in_generate=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     assert cache.get_seq_length() == ids.shape[1] + 39
     for report in cache.report():
         if report.kind == "DenseStorage" or report.kind == "RaggedStorage":
@@ -126,9 +127,9 @@ def test_streaming_llm_nbytes_constant_once_window_fills():
     sizes = []
     with kvpress.patch(model, StreamingLLM(n_sink=2, window=10)) as session:
         cache = session.new_cache()
-        out = model(ids, past_key_values=cache, use_cache=True)
+        out = model(ids, **cache_kwargs(model, cache), use_cache=True)
         for _ in range(30):
-            out = model(out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+            out = model(out.logits[:, -1:].argmax(-1), **cache_kwargs(model, cache), use_cache=True)
             sizes.append(cache.nbytes())
     assert len(set(sizes[10:])) == 1 and sizes[5] < sizes[10]
 
@@ -137,9 +138,9 @@ def test_snapkv_halves_bytes_on_tiny_model():
     model = tiny_model("llama")
     ids = torch.randint(3, 100, (1, 64))
     with kvpress.patch(model, None):
-        full = model(ids, use_cache=True).past_key_values.nbytes()
+        full = output_cache(model(ids, use_cache=True)).nbytes()
     with kvpress.patch(model, SnapKV(compression_ratio=0.5, window=8)):
-        cache = model(ids, use_cache=True).past_key_values
+        cache = output_cache(model(ids, use_cache=True))
     # K+V halved; int32 positions add 4 bytes per kept token per head
     assert cache.nbytes() == full // 2 + 2 * 2 * 32 * 4
     assert cache.storage_nbytes() == cache.nbytes()
@@ -151,7 +152,7 @@ def test_pipeline_intersects_policies():
     pipe = SnapKV(compression_ratio=0.5, window=4) | StreamingLLM(n_sink=2, window=30)
     assert isinstance(pipe, Pipeline) and len(pipe.policies) == 2
     with kvpress.patch(model, pipe):
-        cache = model(ids, use_cache=True).past_key_values
+        cache = output_cache(model(ids, use_cache=True))
     positions = cache.layers[0].storage.view().positions
     assert positions.shape[-1] <= 20
     assert ((positions < 2) | (positions >= 10)).all()

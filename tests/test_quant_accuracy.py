@@ -5,6 +5,7 @@ import torch
 from tiny_models import tiny_model
 
 import kvpress
+from kvpress.compat import cache_kwargs
 from kvpress.quant import KVQuant
 from kvpress.quant.accuracy import cache_perplexity
 
@@ -21,9 +22,9 @@ def _bits_after_each_chunk(model, ids, prefill, chunk, spec):
     out = []
     with torch.no_grad(), kvpress.patch(model, spec) as session:
         cache = session.new_cache()
-        model(ids[:, :prefill], past_key_values=cache, use_cache=True)
+        model(ids[:, :prefill], **cache_kwargs(model, cache), use_cache=True)
         for start in range(prefill, ids.shape[1], chunk):
-            model(ids[:, start : start + chunk], past_key_values=cache, use_cache=True)
+            model(ids[:, start : start + chunk], **cache_kwargs(model, cache), use_cache=True)
             n = start + min(chunk, ids.shape[1] - start)
             out.append(8 * cache.nbytes() / (2 * 2 * n * 16 * 2))  # layers * kv_heads * tokens * head_dim * K,V
     return out

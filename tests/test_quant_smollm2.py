@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import kvpress
+from kvpress.compat import cache_kwargs
 from kvpress.quant import KVQuant, QuantizedStorage
 from kvpress.quant.accuracy import cache_perplexity, haystack_text
 
@@ -48,7 +49,7 @@ def test_2bit_cache_bytes_match_effective_bits_arithmetic(smollm2, fp_dtype):
     spec = KVQuant(bits=2, group_size=32, residual=32, n_sink=4, rotate=True, fp_dtype=fp_dtype)
     with kvpress.patch(model, spec) as session:
         cache = session.new_cache()
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_kwargs(model, cache), use_cache=True)
     config = model.config
     layers, heads, d = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
     storage = cache.layers[0].storage

@@ -7,6 +7,7 @@ from tiny_models import tiny_model
 
 import kvpress
 from kvpress.attention import attend
+from kvpress.compat import cache_kwargs, output_cache
 from kvpress.quant import KVQuant, QuantizedStorage, quantize
 from kvpress.quant.packing import packed_words
 from kvpress.storage import AttentionView, DenseStorage
@@ -375,19 +376,19 @@ def test_patched_tiny_model_close_to_full_precision_and_smaller():
         ref = model(ids).logits
         with kvpress.patch(model, KVQuant(bits=8, group_size=8, residual=8)) as session:
             cache = session.new_cache()
-            outs = [model(ids[:, :50], past_key_values=cache).logits]
+            outs = [model(ids[:, :50], **cache_kwargs(model, cache)).logits]
             for t in range(50, 70):
-                outs.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
+                outs.append(model(ids[:, t : t + 1], **cache_kwargs(model, cache)).logits)
         got = torch.cat(outs, dim=1)
         assert (got - ref).abs().max() < 0.02
         assert all(isinstance(layer.storage, QuantizedStorage) for layer in cache.layers)
         with kvpress.patch(model, None) as session:
             dense = session.new_cache()
-            model(ids, past_key_values=dense)
+            model(ids, **cache_kwargs(model, dense))
         assert isinstance(dense.layers[0].storage, DenseStorage)
         with kvpress.patch(model, KVQuant(bits=2, group_size=8, residual=8)) as session:
             small = session.new_cache()
-            model(ids, past_key_values=small)
+            model(ids, **cache_kwargs(model, small))
         assert small.nbytes() < 0.4 * dense.nbytes()
 
 
@@ -400,7 +401,7 @@ def test_pipeline_with_eviction_policies(order):
     policy = snap | quant if order == "evict|quant" else quant | snap
     with torch.no_grad(), kvpress.patch(model, policy):
         out = model.generate(ids, max_new_tokens=6, do_sample=False)
-        cache = model(ids, use_cache=True).past_key_values
+        cache = output_cache(model(ids, use_cache=True))
     assert out.shape == (1, 70)
     assert cache.report()[0].tokens_max == 32
     assert isinstance(cache.layers[0].storage, QuantizedStorage)

@@ -8,6 +8,7 @@ from tiny_models import tiny_model
 from transformers.cache_utils import DynamicCache
 
 import kvpress
+from kvpress.compat import cache_kwargs, output_cache
 from kvpress.policies import Policy, StreamingLLM
 from kvpress.quant import KVQuant
 from kvpress.reposition import reposition, rope_inv_freqs, rotate
@@ -112,7 +113,7 @@ def _reference_after_streaming(model, ids, next_ids, n_sink, window):
     """Unpatched model: prefill ``ids``, keep sinks + window, move the kept keys to positions 0..n-1 with
     transformers' RoPE, then feed ``next_ids`` at positions n.. on a DynamicCache holding only those."""
     with torch.no_grad():
-        full = model(ids, use_cache=True).past_key_values
+        full = output_cache(model(ids, use_cache=True))
     width = ids.shape[1]
     kept = torch.cat([torch.arange(n_sink), torch.arange(width - window, width)])
     batch = ids.shape[0]
@@ -125,7 +126,7 @@ def _reference_after_streaming(model, ids, next_ids, n_sink, window):
     n = len(kept)
     positions = torch.arange(n, n + next_ids.shape[1]).expand(batch, -1)
     with torch.no_grad():
-        return model(next_ids, past_key_values=cache, position_ids=positions, cache_position=positions[0]).logits
+        return model(next_ids, **cache_kwargs(model, cache), position_ids=positions, cache_position=positions[0]).logits
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3", "gemma"])
@@ -141,13 +142,13 @@ def test_streaming_llm_attends_at_cache_positions(arch, attn, next_len):
 
     with torch.no_grad(), kvpress.patch(model, StreamingLLM(n_sink=n_sink, window=window)):
         out = model(ids, use_cache=True)
-        got = model(next_ids, past_key_values=out.past_key_values, use_cache=True).logits
+        got = model(next_ids, **cache_kwargs(model, output_cache(out)), use_cache=True).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=HF_ANGLE_ATOL)
 
     # with the original positions the logits differ: the test can tell the two apart
     with torch.no_grad(), kvpress.patch(model, StreamingLLM(n_sink=n_sink, window=window, reposition=False)):
         out = model(ids, use_cache=True)
-        original = model(next_ids, past_key_values=out.past_key_values, use_cache=True).logits
+        original = model(next_ids, **cache_kwargs(model, output_cache(out)), use_cache=True).logits
     assert (original - expected).abs().max() > 1e-4
 
 
@@ -169,7 +170,7 @@ def test_reposition_with_rotated_quantized_storage():
         policy = StreamingLLM(n_sink=2, window=16) if spec is None else StreamingLLM(n_sink=2, window=16) | spec
         with torch.no_grad(), kvpress.patch(model, policy):
             out = model(ids, use_cache=True)
-            results[name] = model(step, past_key_values=out.past_key_values, use_cache=True).logits
+            results[name] = model(step, **cache_kwargs(model, output_cache(out)), use_cache=True).logits
     reference = _reference_after_streaming(model, ids, step, 2, 16)
     torch.testing.assert_close(results["dense"], reference, rtol=0, atol=HF_ANGLE_ATOL)
     assert (results["rot"] - reference).abs().max() < 0.03
@@ -200,9 +201,9 @@ def test_ragged_eviction_repositions_each_head_by_its_own_count():
     step = torch.randint(3, 100, (2, 1), generator=gen)
     with torch.no_grad(), kvpress.patch(model, DropMiddle()):
         out = model(ids, use_cache=True)
-        got = model(step, past_key_values=out.past_key_values, use_cache=True).logits
+        got = model(step, **cache_kwargs(model, output_cache(out)), use_cache=True).logits
     with torch.no_grad():
-        full = model(ids, use_cache=True).past_key_values
+        full = output_cache(model(ids, use_cache=True))
     for b in range(2):
         n_drop = 3 * (b + 1)
         kept = torch.cat([torch.arange(2), torch.arange(2 + n_drop, 24)])
@@ -213,7 +214,7 @@ def test_ragged_eviction_repositions_each_head_by_its_own_count():
             cache.update(_hf_rotate(model, raw, torch.arange(len(kept))[None]), layer.values[b:b + 1, :, kept], idx)
         n = len(kept)
         with torch.no_grad():
-            expected = model(step[b:b + 1], past_key_values=cache, position_ids=torch.tensor([[n]]),
+            expected = model(step[b:b + 1], **cache_kwargs(model, cache), position_ids=torch.tensor([[n]]),
                              cache_position=torch.tensor([n])).logits
         torch.testing.assert_close(got[b:b + 1], expected, rtol=0, atol=HF_ANGLE_ATOL)
 

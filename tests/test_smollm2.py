@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import kvpress
+from kvpress.compat import cache_kwargs, output_cache
 from kvpress.demo import build_prompt
 from kvpress.policies import SnapKV, StreamingLLM
 
@@ -22,16 +23,39 @@ def test_snapkv_half_the_bytes_on_1024_tokens(smollm2):
     ids, answer = build_prompt(tokenizer, 1024, 0.5, seed=1)
     ids = ids[:, -1024:] if ids.shape[1] >= 1024 else ids
     with kvpress.patch(model, None):
-        full = model(ids, use_cache=True).past_key_values
+        full = output_cache(model(ids, use_cache=True))
     with kvpress.patch(model, SnapKV(compression_ratio=0.5, window=32)):
         out = model(ids, use_cache=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     ratio = cache.nbytes() / full.nbytes()
     assert ratio <= 0.52, ratio
     # the figure is the real allocation: no view keeps the uncompressed tensors alive
     assert cache.storage_nbytes() == cache.nbytes()
     kept = [r.tokens_max for r in cache.report()]
     assert kept == [ids.shape[1] // 2] * 30
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("path", ["forward", "generate", "explicit-cache"])
+def test_snapkv_compresses_through_every_entry_point(smollm2, path):
+    """The regression test for transformers' cache-argument rename: the policy really ran on every path."""
+    model, tokenizer = smollm2
+    ids = build_prompt(tokenizer, 1100, 0.5, seed=2)[0][:, -1024:]
+    with kvpress.patch(model, None):
+        full = output_cache(model(ids, use_cache=True)).nbytes()
+    with kvpress.patch(model, SnapKV(compression_ratio=0.5)) as session:
+        if path == "forward":
+            cache = output_cache(model(ids, use_cache=True))
+        elif path == "generate":
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True)
+            cache = output_cache(out)
+        else:
+            cache = session.new_cache()
+            model(ids, **cache_kwargs(model, cache), use_cache=True)
+    assert isinstance(cache, kvpress.KVPressCache)
+    assert cache.get_seq_length() >= 1024
+    assert cache.nbytes() <= 0.52 * full, (cache.nbytes(), full)
 
 
 @torch.no_grad()
@@ -55,11 +79,11 @@ def _sample(model, ids, policy, n_tokens, seed=0):
     with kvpress.patch(model, policy) as session:
         cache = session.new_cache()
         torch.manual_seed(seed)
-        logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(ids, **cache_kwargs(model, cache), use_cache=True).logits[:, -1]
         for _ in range(n_tokens):
             nxt = torch.multinomial(torch.softmax(logits / 0.7, dim=-1), 1)
             tokens.append(int(nxt))
-            logits = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(nxt, **cache_kwargs(model, cache), use_cache=True).logits[:, -1]
             sizes.append(cache.nbytes())
     return tokens, sizes, cache
 

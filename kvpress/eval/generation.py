@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import torch
 
 import kvpress
+from kvpress.compat import cache_kwargs
 from kvpress.context import LayerContext
 from kvpress.policies import Policy, ScorePolicy, keep_topk
 
@@ -58,7 +59,7 @@ def forward_last(model, ids: Sequence[int], cache) -> torch.Tensor:
     """Run ``ids`` through ``cache``; logits of the last position only."""
     device = model.device
     out = model(
-        input_ids=torch.tensor([list(ids)], device=device), past_key_values=cache, use_cache=True, logits_to_keep=1
+        input_ids=torch.tensor([list(ids)], device=device), **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1
     )
     return out.logits[0, -1]
 

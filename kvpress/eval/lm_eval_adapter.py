@@ -20,7 +20,7 @@ scoring path goes through the cache:
 
 ``loglikelihood``
     Requests are grouped by context. The context is prefilled in one forward under :func:`kvpress.patch` (the
-    policy compresses it as at prefill), then each continuation is forwarded with ``past_key_values`` = a copy
+    policy compresses it as at prefill), then each continuation is forwarded through a copy
     of that compressed cache; its log-probs come from the last context logit plus the continuation logits.
 ``loglikelihood_rolling``
     The whole text (after the prefix token) is teacher-forced through the cache with
@@ -59,6 +59,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
 
+from kvpress.compat import cache_kwargs
 from kvpress.eval.perplexity import MODES, build_policy, open_cache, score_through_cache
 
 logger = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ class KVPressLM(HFLM):
         """Prefill ``context`` once under the policy, then score each continuation through a copy of the cache."""
         device = self.device
         cache = session.new_cache()
-        out = self.model(input_ids=torch.tensor([context], device=device), past_key_values=cache, use_cache=True)
+        out = self.model(input_ids=torch.tensor([context], device=device), **cache_kwargs(self.model, cache), use_cache=True)
         last = out.logits[0, -1:]
         del out
         results = []
@@ -151,7 +152,7 @@ class KVPressLM(HFLM):
             logits = last
             if len(cont) > 1:
                 step = self.model(
-                    input_ids=torch.tensor([cont[:-1]], device=device), past_key_values=branch, use_cache=True
+                    input_ids=torch.tensor([cont[:-1]], device=device), **cache_kwargs(self.model, branch), use_cache=True
                 )
                 logits = torch.cat([last, step.logits[0]], dim=0)
                 del step

@@ -39,6 +39,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kvpress.compat import cache_kwargs, output_cache
+
 MODES = ("token", "chunked")
 DEFAULT_TEXT_SOURCE = "pydoc_data.topics"
 
@@ -261,7 +263,7 @@ def score_through_cache(
     """Teacher-force ``input_ids`` (``[1, N]``) through ``cache`` and score every next token.
 
     The model reads ``input_ids[:, :-1]`` piece by piece (see :func:`_piece_sizes`), each forward with
-    ``past_key_values=cache``; the logits of each piece score the tokens that follow it. Returns the raw
+    ``cache`` as its cache argument; the logits of each piece score the tokens that follow it. Returns the raw
     statistics (NLL sum, count, timings, KV bytes); :func:`evaluate_perplexity` wraps them in a result.
     """
     if mode not in MODES:
@@ -287,8 +289,9 @@ def score_through_cache(
     start = scores.started
     with torch.inference_mode():
         for size in _piece_sizes(n_inputs, mode, chunk_size, prefill):
-            out = model(input_ids=inputs[:, pos : pos + size], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values if out.past_key_values is not None else cache
+            out = model(input_ids=inputs[:, pos : pos + size], **cache_kwargs(model, cache), use_cache=True)
+            returned = output_cache(out)
+            cache = returned if returned is not None else cache
             logits = out.logits[0]
             scores.add(F.cross_entropy(logits.float(), targets[pos : pos + size], reduction="none"))
             del out, logits

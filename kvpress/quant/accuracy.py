@@ -30,6 +30,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from kvpress.compat import cache_kwargs
+
 CacheFactory = Callable[[], Any]  # builds an empty transformers Cache (e.g. a QuantizedCache) for a baseline
 
 
@@ -132,13 +134,13 @@ def cache_perplexity(
     kv_shape = _kv_shape(model)
     step_bits: list[float] = []
     with _cache_for(model, policy, cache_factory) as cache:
-        logits = model(ids[:, :prefill], past_key_values=cache, use_cache=True).logits[:, -1:]
+        logits = model(ids[:, :prefill], **cache_kwargs(model, cache), use_cache=True).logits[:, -1:]
         start = prefill
         while start < n:
             stop = min(start + chunk, n)
             targets = ids[:, start:stop]
             # logits predicting ids[start:stop]: the last one of the previous forward, then this forward's
-            out = model(targets, past_key_values=cache, use_cache=True).logits
+            out = model(targets, **cache_kwargs(model, cache), use_cache=True).logits
             pred = torch.cat([logits, out[:, :-1]], dim=1)
             nll += torch.nn.functional.cross_entropy(pred[0].double(), targets[0], reduction="sum")
             logits = out[:, -1:]
@@ -197,8 +199,8 @@ def needle_score(
     correct, logprobs, answers = 0, [], []
 
     def prompt(cache: Any, first: list[int], second: list[int]) -> torch.Tensor:
-        model(torch.tensor([first]), past_key_values=cache, use_cache=True)
-        return model(torch.tensor([second]), past_key_values=cache, use_cache=True).logits[:, -1]
+        model(torch.tensor([first]), **cache_kwargs(model, cache), use_cache=True)
+        return model(torch.tensor([second]), **cache_kwargs(model, cache), use_cache=True).logits[:, -1]
 
     for first, second, number in _needle_prompts(tokenizer, n_trials, haystack_tokens, seed):
         answer_ids = tokenizer(" " + number, add_special_tokens=False).input_ids
@@ -211,7 +213,7 @@ def needle_score(
                 if forced is None:
                     raise
                 prompt(forced, first, second)
-            out = model(torch.tensor([answer_ids[:-1]]), past_key_values=forced, use_cache=True).logits[0]
+            out = model(torch.tensor([answer_ids[:-1]]), **cache_kwargs(model, forced), use_cache=True).logits[0]
             del forced
             pred = torch.cat([logits, out], dim=0)
             lp = torch.log_softmax(pred.double(), -1).gather(-1, torch.tensor(answer_ids).view(-1, 1))
@@ -222,7 +224,7 @@ def needle_score(
                 if nxt == tokenizer.eos_token_id:
                     break
                 generated.append(nxt)
-                logits = model(torch.tensor([[nxt]]), past_key_values=cache, use_cache=True).logits[:, -1]
+                logits = model(torch.tensor([[nxt]]), **cache_kwargs(model, cache), use_cache=True).logits[:, -1]
         text = tokenizer.decode(generated)
         answers.append(text)
         correct += int(text.strip().replace(",", "").startswith(number))
