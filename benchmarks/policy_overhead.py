@@ -22,9 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kvpress  # noqa: E402
 from kvpress import cache_kwargs  # noqa: E402
 from kvpress.demo import build_prompt  # noqa: E402
-from kvpress.policies import H2O, TOVA, AdaKV, KeyNorm, KVzip, PyramidKV, SnapKV  # noqa: E402
+from kvpress.policies import H2O, TOVA, AdaKV, KeyNorm, KVzip, PyramidKV, SnapKV, StreamingLLM  # noqa: E402
 
 POLICIES = {
+    "streaming_llm": lambda: StreamingLLM(n_sink=4, window=1024),
     "knorm": lambda: KeyNorm(compression_ratio=0.5),
     "snapkv": lambda: SnapKV(compression_ratio=0.5),
     "h2o": lambda: H2O(compression_ratio=0.5),
@@ -44,6 +45,22 @@ def prefill_seconds(model, ids: torch.Tensor, policy) -> float:
         return time.perf_counter() - start
 
 
+def paired_times(model, ids, factory, reps: int) -> tuple[list[float], list[float]]:
+    """``reps`` pairs of (uncompressed prefill, prefill under ``factory()``) seconds, run back to back."""
+    ids = torch.as_tensor(ids).view(1, -1)
+    base, timed = [], []
+    for _ in range(reps):
+        base.append(prefill_seconds(model, ids, None))
+        timed.append(prefill_seconds(model, ids, factory()))
+    return base, timed
+
+
+def paired_ratio(model, ids, factory, reps: int = 3) -> float:
+    """Median over pairs of (prefill under the policy) / (uncompressed prefill)."""
+    base, timed = paired_times(model, ids, factory, reps)
+    return statistics.median(t / b for t, b in zip(timed, base))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -60,13 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     prefill_seconds(model, ids, None)  # warm-up
     rows = []
     for name in args.policies:
-        ratios, base, timed = [], [], []
-        for _ in range(args.reps):
-            b = prefill_seconds(model, ids, None)
-            t = prefill_seconds(model, ids, POLICIES[name]())
-            base.append(b)
-            timed.append(t)
-            ratios.append(t / b)
+        base, timed = paired_times(model, ids, POLICIES[name], args.reps)
+        ratios = [t / b for t, b in zip(timed, base)]
         row = {
             "policy": name,
             "prompt_tokens": ids.shape[1],

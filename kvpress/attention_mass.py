@@ -78,11 +78,17 @@ def attention_with_mass(
         elif allowed is not None:
             allowed = allowed.reshape(batch * kv_heads, 1, n, seq)
             blocks.masked_fill_(~allowed, float("-inf"))
-        peak = logits.amax(-1, keepdim=True).nan_to_num_(0.0, neginf=0.0)  # rows with nothing allowed: all -inf
+        peak = logits.amax(-1, keepdim=True)
+        if causal_from is None:  # a query may have no allowed key at all (padding): its row is all -inf
+            peak.nan_to_num_(0.0, neginf=0.0)
         probs = logits.sub_(peak).exp_()
-        total = probs.sum(-1, keepdim=True)
-        weights = torch.where(total > 0, total.reciprocal(), torch.zeros_like(total))  # padding queries: nothing
-        out[:, :, start:stop] = (torch.bmm(probs, v[:, :width]) * weights).view(batch * kv_heads, groups, n, -1)
+        weights = probs.sum(-1, keepdim=True)
+        if causal_from is None:
+            weights = torch.where(weights > 0, weights.reciprocal(), torch.zeros_like(weights))  # padding: nothing
+        else:
+            weights.reciprocal_()
+        chunk_out = torch.bmm(probs, v[:, :width]).mul_(weights)
+        out[:, :, start:stop] = chunk_out.view(batch * kv_heads, groups, n, -1)
         if reduce == "sum":
             mass[..., :width] += torch.bmm(weights.transpose(1, 2), probs)
         else:

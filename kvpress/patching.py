@@ -80,6 +80,7 @@ class PatchSession:
         self.cache_index = cache_position_index(self.decoder)
         self.active_cache: KVPressCache | None = None
         self.forward_seen = False  # the decoder pre-hook ran for the forward in progress
+        self.plain_causal = False  # the forward in progress has no padding and no custom mask
         self.seen = ""  # what the pre-hook saw, for error messages
         # Whole-model policy steps (Policy.after_forward): inputs of the outer forward, and while a policy runs
         # its own forwards, the per-layer observer that replaces the policy.
@@ -120,10 +121,13 @@ class PatchSession:
         if use_cache is None:
             use_cache = getattr(self.model.config, "use_cache", True)
         self.seen = f"{name}={type(cache).__name__}"
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        # No padding and no custom mask: attention is plain causal, which lets kvpress skip building masks.
+        self.plain_causal = mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2 and bool(mask.all()))
         if not self.in_policy_forward:
             self.forward_inputs = {
                 "input_ids": kwargs.get("input_ids", args[0] if args else None),
-                "attention_mask": kwargs.get("attention_mask", args[1] if len(args) > 1 else None),
+                "attention_mask": mask,
                 "fresh": not isinstance(cache, Cache) or cache.get_seq_length() == 0,
             }
         if isinstance(cache, KVPressCache):
@@ -314,7 +318,7 @@ def kvpress_attention(
             view = layer.last_view = reposition(view, layer.seen_tokens, session.inv_freq[layer_idx])
         q_len = query.shape[2]
         q_start = layer.seen_tokens - q_len
-        causal_from = view.keys.shape[2] - q_len if untouched and attention_mask is None else None
+        causal_from = view.keys.shape[2] - q_len if untouched and session.plain_causal else None
         rows = lambda a, b: allowed_slots(  # noqa: E731
             None if attention_mask is None else attention_mask[..., a:b, :], view, q_start + a, b - a)
         out, layer.last_mass = attention_with_mass(query, view, rows, scaling, causal_from,

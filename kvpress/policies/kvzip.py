@@ -111,9 +111,10 @@ class KVzip(Policy):
             mask = torch.cat([real, new_real], dim=1).long()
             positions = real.sum(-1, keepdim=True) + new_real.long().cumsum(-1) - 1
             observer = _ChunkObserver(scores, valid, real)
+            padded = not bool(mask.all())  # without padding, plain causal attention (no mask to build or apply)
             try:
-                fwd.run(new_ids, attention_mask=mask, position_ids=positions.clamp(min=0), observer=observer,
-                        mass="max")
+                fwd.run(new_ids, attention_mask=mask if padded else None,
+                        position_ids=positions.clamp(min=0) if padded else None, observer=observer, mass="max")
             finally:
                 cache.truncate(n_ctx, saved)
         return scores, valid
