@@ -42,6 +42,7 @@ class CompressedLayer(CacheLayerMixin):
         self.policy_state: dict[str, Any] = {}  # per-layer memory of a policy (e.g. accumulated scores)
         self.last_view: AttentionView | None = None  # what attention reads in the current forward
         self.last_mass: torch.Tensor | None = None  # attention mass of the current forward, if a policy asked
+        self.last_hidden: torch.Tensor | None = None  # attention input of the current forward, if a policy asked
 
     # -- transformers layer API ------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:

@@ -40,6 +40,8 @@ class LayerContext:
         attention_mass: ``[batch, kv_heads, seq]`` float32, the attention each slot received from this forward's
             queries (summed over queries and the query heads of its KV head), when the policy declared
             ``wants_attention_mass`` (computed with the attention output, nearly free); else ``None``.
+        hidden_states: ``[batch, q_len, hidden]`` the attention module's input for this forward's tokens, when the
+            policy declared ``wants_hidden_states``; else ``None``.
     """
 
     layer_idx: int
@@ -57,6 +59,7 @@ class LayerContext:
     model_state: dict[str, Any] = field(default_factory=dict)
     held: torch.Tensor | None = None
     attention_mass: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:

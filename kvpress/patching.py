@@ -94,6 +94,10 @@ class PatchSession:
         # "sum" (or "max" during a policy's own forwards, for KVzip), None for transformers' own attention.
         self.default_mass = "sum" if getattr(self.policy, "wants_attention_mass", False) else None
         self.mass_reduce: str | None = self.default_mass
+        # A policy that scores from hidden states (the learned scorer) gets each attention module's input.
+        self.wants_hidden = bool(getattr(self.policy, "wants_hidden_states", False))
+        if self.policy is not None:
+            self.policy.attach(model)
         if self.policy is not None and getattr(self.policy, "reposition", False):
             self.inv_freq = dict(enumerate(rope_inv_freqs(model)))
 
@@ -231,6 +235,15 @@ class PatchSession:
             f"{type(self.decoder).__name__}.forward declares). Please report this with your transformers version."
         )
 
+    def _capture_hidden(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Attention-module pre-hook: keep its input hidden states ``[batch, new, hidden]`` for the policy."""
+        cache = self.active_cache
+        if cache is None:
+            return
+        layer = cache.layers[module.layer_idx]
+        if isinstance(layer, CompressedLayer):
+            layer.last_hidden = kwargs.get("hidden_states", args[0] if args else None)
+
     def base_attention(self, module: nn.Module):
         if self.base_impl == "sdpa":
             return ALL_ATTENTION_FUNCTIONS["sdpa"]
@@ -271,8 +284,9 @@ class PatchSession:
             model_state=self.active_cache.model_state if self.active_cache is not None else {},
             held=view.valid,
             attention_mass=layer.last_mass,
+            hidden_states=layer.last_hidden,
         )
-        layer.last_mass = None
+        layer.last_mass = layer.last_hidden = None
         if self.observer is not None:
             self.observer(ctx)
             return
@@ -409,6 +423,8 @@ def patch(model: PreTrainedModel, policy: Any = None, *, allow_untested: bool = 
             _MODULE_SESSIONS[module] = session
         handles.append(session.decoder.register_forward_pre_hook(session._pre_forward, with_kwargs=True))
         handles.append(session.decoder.register_forward_hook(session._post_forward))
+        if session.wants_hidden:
+            handles += [m.register_forward_pre_hook(session._capture_hidden, with_kwargs=True) for m in modules]
         model.set_attn_implementation(name)
         yield session
     finally:

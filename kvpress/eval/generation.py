@@ -23,7 +23,8 @@ import torch
 import kvpress
 from kvpress.compat import cache_kwargs
 from kvpress.context import LayerContext
-from kvpress.policies import KVzip, Policy, ScorePolicy
+from kvpress.policies import Policy, ScorePolicy
+from kvpress.policies.global_budget import GlobalScorePolicy
 
 MODES = ("query-agnostic", "query-aware")
 
@@ -114,9 +115,10 @@ def run_direct(model, tokenizer, policy: Any, prefix_ids, suffix_ids, mode: str,
 # ---------------------------------------------------------------------------------------------------- fan-out
 def supports_fanout(policy: Any) -> bool:
     """True for a policy whose prefill decision is a ranking that any ratio can reuse: a :class:`ScorePolicy`
-    that evicts only at prefill through :meth:`ScorePolicy.keep_from_scores`, or :class:`KVzip`."""
-    if isinstance(policy, KVzip):
-        return True
+    that evicts only at prefill through :meth:`ScorePolicy.keep_from_scores`, or a :class:`GlobalScorePolicy`
+    whose decision is a ratio of its prefill scores."""
+    if isinstance(policy, GlobalScorePolicy):
+        return policy.fanout_ready
     return (
         isinstance(policy, ScorePolicy)
         and not policy.every_chunk
@@ -140,7 +142,7 @@ class ScoreRecorder(Policy):
     name = "score_recorder"
 
     def __init__(self, scorer: ScorePolicy):
-        if not supports_fanout(scorer) or isinstance(scorer, KVzip):
+        if not supports_fanout(scorer) or isinstance(scorer, GlobalScorePolicy):
             raise ValueError(f"{scorer!r} cannot be fanned out by score recording")
         self.scorer = scorer
         self.scores: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}  # layer -> (scores, valid, layers)
@@ -162,33 +164,42 @@ class ScoreRecorder(Policy):
                 cache.layers[layer_idx].keep(keep)
 
 
-class KVzipRecorder(Policy):
-    """Wraps a :class:`KVzip`: after the prefill it runs the reconstruction scoring once and evicts nothing;
-    :meth:`apply` then evicts for any ratio from those scores."""
+class GlobalScoreRecorder(Policy):
+    """Wraps a :class:`GlobalScorePolicy` (KVzip, the learned scorer): at prefill it lets the policy score every
+    layer (its ``select`` records, KVzip's reconstruction runs) and evicts nothing; :meth:`apply` then evicts
+    for any ratio from those scores."""
 
-    name = "kvzip_recorder"
+    name = "global_score_recorder"
 
-    def __init__(self, kvzip: KVzip):
-        self.kvzip = kvzip
+    def __init__(self, policy: GlobalScorePolicy):
+        self.policy = policy
         self.scores: tuple[dict, dict] | None = None
         self.active: Policy | None = None
+        self.reposition = policy.reposition
+        self.wants_attention_mass = getattr(policy, "wants_attention_mass", False)
+        self.wants_hidden_states = getattr(policy, "wants_hidden_states", False)
+
+    def attach(self, model) -> None:
+        self.policy.attach(model)
 
     def select(self, ctx: LayerContext) -> torch.Tensor | None:
+        if ctx.phase == "prefill":
+            return self.policy.select(ctx)  # records per-layer scores where the policy does so
         return None if self.active is None else self.active.select(ctx)
 
     def after_forward(self, fwd) -> None:
         if fwd.phase == "prefill":
-            self.scores = self.kvzip.reconstruction_scores(fwd)
+            self.scores = self.policy.prefill_scores(fwd)
+        elif self.active is not None:
+            self.active.after_forward(fwd)
 
-    def apply(self, cache, policy: KVzip | None) -> None:
-        if policy is None:
-            return
-        for layer_idx, keep in policy.keep_masks(*self.scores).items():
-            cache.layers[layer_idx].keep_positions(keep)
+    def apply(self, cache, policy: GlobalScorePolicy | None) -> None:
+        if policy is not None:
+            policy.evict(cache, *self.scores)
 
 
-def make_recorder(policy: Any) -> ScoreRecorder | KVzipRecorder:
-    return KVzipRecorder(policy) if isinstance(policy, KVzip) else ScoreRecorder(policy)
+def make_recorder(policy: Any) -> ScoreRecorder | GlobalScoreRecorder:
+    return GlobalScoreRecorder(policy) if isinstance(policy, GlobalScorePolicy) else ScoreRecorder(policy)
 
 
 def run_fanout(

@@ -32,6 +32,10 @@ class Policy(ABC):
     @abstractmethod
     def select(self, ctx: LayerContext) -> torch.Tensor | None: ...
 
+    def attach(self, model: Any) -> None:
+        """Called once by :func:`kvpress.patch` with the model, before any forward: a policy that needs the model
+        (a predictor trained for it) loads and checks what it needs here; the default does nothing."""
+
     def after_forward(self, fwd: ForwardContext) -> None:
         """Called once the whole model finished a forward (after every layer's :meth:`select`), with a handle
         that can run extra forwards on the cache. Policies that need the whole model (KVzip's context

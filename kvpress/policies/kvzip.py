@@ -15,21 +15,19 @@ the sinks, the chunk and the repeat only. With one chunk (contexts up to ``chunk
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from kvpress.context import ForwardContext, LayerContext
-from kvpress.policies.base import Policy, check_int, check_ratio, keep_count, keep_topk
-
-BudgetScope = Literal["global", "layer", "head"]
-_SCOPES = ("global", "layer", "head")
+from kvpress.policies.base import check_int
+from kvpress.policies.global_budget import BudgetScope, GlobalScorePolicy
 FIRST_PROMPT = "\n\nRepeat the previous context exactly."
 NEXT_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with "
 _SENTINEL = "\x00KVZIP\x00"
 
 
-class KVzip(Policy):
+class KVzip(GlobalScorePolicy):
     """Evict the cached context entries the model needs least to reconstruct it (see the module docstring).
 
     Args:
@@ -59,30 +57,16 @@ class KVzip(Policy):
         chunk_size: int = 2048,
         tokenizer: Any = None,
     ):
-        if compression_ratio is not None and budget is not None:
-            raise ValueError("give either compression_ratio or budget, not both")
-        if compression_ratio is None and budget is None:
-            compression_ratio = 0.5
-        self.compression_ratio = None if compression_ratio is None else check_ratio("compression_ratio", compression_ratio)
-        self.budget = None if budget is None else check_int("budget", budget, 1)
-        if scope not in _SCOPES:
-            raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
-        self.scope = scope
-        self.n_sink = check_int("n_sink", n_sink, 0)
+        super().__init__(compression_ratio=compression_ratio, budget=budget, scope=scope, n_sink=n_sink)
         self.chunk_size = check_int("chunk_size", chunk_size, 8)
         self.tokenizer = tokenizer
         self._prompts: tuple[list[int], list[int], list[int]] | None = None
 
-    # -- the policy ------------------------------------------------------------------------------------------
     def select(self, ctx: LayerContext) -> torch.Tensor | None:
         return None  # evicts in after_forward, once every layer's scores are known
 
-    def after_forward(self, fwd: ForwardContext) -> None:
-        if fwd.phase != "prefill":
-            return
-        scores, valid = self.reconstruction_scores(fwd)
-        for layer_idx, keep in self.keep_masks(scores, valid).items():
-            fwd.cache.layers[layer_idx].keep_positions(keep)
+    def prefill_scores(self, fwd: ForwardContext) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        return self.reconstruction_scores(fwd)
 
     # -- scoring ---------------------------------------------------------------------------------------------
     def reconstruction_scores(self, fwd: ForwardContext) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
@@ -132,39 +116,8 @@ class KVzip(Policy):
             self._prompts = (encode(FIRST_PROMPT), encode(NEXT_PROMPT), encode(postfix))
         return self._prompts
 
-    # -- eviction --------------------------------------------------------------------------------------------
-    def keep_masks(self, scores: dict[int, torch.Tensor], valid: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Keep masks ``[batch, kv_heads, seq]`` per layer over the context slots (the first ``n_ctx`` of each
-        layer's view), or none for a layer that keeps everything. Separate from scoring so one scoring pass can
-        serve several ratios."""
-        if not scores:
-            return {}
-        layers = sorted(scores)
-        stacked = torch.stack([scores[i].float() for i in layers])  # [layers, batch, heads, n_ctx]
-        ok = torch.stack([valid[i] for i in layers])
-        sinks = ok & (ok.long().cumsum(-1) <= self.n_sink)
-        stacked = stacked.masked_fill(~ok, float("-inf")).masked_fill(sinks, float("inf"))
-        n_real = ok.sum(-1)  # [layers, batch, heads]
-        per_head = keep_count(n_real, self.compression_ratio, self.budget).maximum(sinks.sum(-1)).minimum(n_real)
-        if bool((per_head == n_real).all()):
-            return {}
-        n_layers, batch, heads, seq = stacked.shape
-        if self.scope == "head":
-            keep = keep_topk(stacked, per_head)
-        elif self.scope == "layer":
-            pooled = stacked.reshape(n_layers, batch, 1, heads * seq)
-            keep = keep_topk(pooled, per_head.sum(-1, keepdim=True)).reshape(stacked.shape)
-        else:
-            pooled = stacked.permute(1, 0, 2, 3).reshape(batch, 1, n_layers * heads * seq)
-            total = per_head.sum(dim=(0, 2)).view(batch, 1)
-            keep = keep_topk(pooled, total).reshape(batch, n_layers, heads, seq).permute(1, 0, 2, 3)
-        keep = keep & ok
-        return {layer: keep[i] for i, layer in enumerate(layers)}
-
     def params(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"budget": self.budget} if self.budget is not None else {
-            "compression_ratio": self.compression_ratio}
-        return {**out, "scope": self.scope, "n_sink": self.n_sink, "chunk_size": self.chunk_size}
+        return {**super().params(), "chunk_size": self.chunk_size}
 
 
 class _ChunkObserver:

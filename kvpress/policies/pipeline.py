@@ -68,6 +68,14 @@ class Pipeline(Policy):
                 keep = mask if keep is None else keep & mask
         return keep
 
+    @property
+    def wants_hidden_states(self) -> bool:
+        return any(getattr(p, "wants_hidden_states", False) for p in self.policies)
+
+    def attach(self, model: Any) -> None:
+        for policy in self.policies:
+            policy.attach(model)
+
     def after_forward(self, fwd: ForwardContext) -> None:
         for policy in self.policies:
             policy.after_forward(fwd)

@@ -10,6 +10,7 @@ from kvpress.policies.decoding_budget import DecodingBudget
 from kvpress.policies.h2o import H2O
 from kvpress.policies.knorm import KeyNorm
 from kvpress.policies.kvzip import KVzip
+from kvpress.policies.learned import Learned
 from kvpress.policies.pyramidkv import PyramidKV
 from kvpress.policies.snapkv import SnapKV
 from kvpress.policies.streaming_llm import StreamingLLM
@@ -52,6 +53,7 @@ _REGISTRY: dict[str, Callable[..., Any]] = {
     "tova": TOVA,
     "knorm": KeyNorm,
     "kvzip": KVzip,
+    "learned": Learned,
     "adakv": _adakv,
     "pyramidkv": _pyramidkv,
     "decoding_budget": _decoding_budget,
