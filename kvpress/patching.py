@@ -34,6 +34,7 @@ from kvpress.context import LayerContext
 from kvpress.policies.base import Policy
 from kvpress.policies.pipeline import Pipeline, is_storage_spec
 from kvpress.reposition import reposition, rope_inv_freqs
+from kvpress.storage import LazyAttentionView
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 # Model types tested in the suite. Others that follow transformers' AttentionInterface design usually work:
@@ -225,8 +226,9 @@ def kvpress_attention(
     view = layer.last_view
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    # A lazy (quantized / ragged) view always goes through kvpress's attention: `key`/`value` are stand-ins.
     untouched = view.positions is None and view.valid is None and view.key_rotation is None
-    if untouched and view.value_rotation is None:
+    if untouched and view.value_rotation is None and not isinstance(view, LazyAttentionView):
         out, weights = base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     else:
         if layer_idx in session.inv_freq:
