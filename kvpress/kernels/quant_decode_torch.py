@@ -74,7 +74,7 @@ def quant_decode_torch(
     for c0 in range(0, n, step):
         c1 = min(n, c0 + step)
         c = c1 - c0
-        gid = body.token_groups(c0, c1)
+        gid = body.token_groups(c0, c1) if (body.group_ids is not None or rank or body.k_out_val is not None) else None
         codes = unpack_codes(body.k_codes[:, :, c0:c1], body.key_bits, d).float()  # [B, H, C, D]
         if body.group_ids is None:
             g0, ng = c0 // g, -(-c // g)

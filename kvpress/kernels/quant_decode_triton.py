@@ -51,8 +51,10 @@ def _quant_decode_kernel(
     VS, VZ, s_vsb, s_vsh, s_vsn,
     GID, s_gb, s_gh,
     GBLK,
-    KL, VL, s_lb, s_lh, s_ln,
-    KR, VR, s_rb, s_rh, s_rk, s_rd,
+    KL, s_klb, s_klh, s_kln, s_klr,
+    VL, s_vlb, s_vlh, s_vln, s_vlr,
+    KR, s_krb, s_krh, s_krk, s_krd, s_krr,
+    VR, s_vrb, s_vrh, s_vrk, s_vrd, s_vrr,
     KOV, KOI, VOV, VOI, s_ob, s_oh, s_on,
     MASK, s_mb, s_mh, s_ml,
     ACC, RMAX, RSUM,
@@ -101,11 +103,11 @@ def _quant_decode_kernel(
             keys = kzero + kcodes * kscale
         if R > 0:
             blk = tl.load(GBLK + gid, mask=tok_ok, other=0)
-            l_ptr = b * s_lb + h * s_lh + offs_n * s_ln
-            r_ptr = b * s_rb + h * s_rh + blk[:, None] * s_rk + offs_d[None, :] * s_rd
+            kl_ptr = KL + b * s_klb + h * s_klh + offs_n * s_kln
+            kr_ptr = KR + b * s_krb + h * s_krh + blk[:, None] * s_krk + offs_d[None, :] * s_krd
             for r in tl.static_range(R):
-                left = tl.load(KL + l_ptr + r, mask=tok_ok, other=0.0).to(tl.float32)
-                right = tl.load(KR + r_ptr + r, mask=tok_ok[:, None], other=0.0).to(tl.float32)
+                left = tl.load(kl_ptr + r * s_klr, mask=tok_ok, other=0.0).to(tl.float32)
+                right = tl.load(kr_ptr + r * s_krr, mask=tok_ok[:, None], other=0.0).to(tl.float32)
                 keys += left[:, None] * right
         if KO > 0:
             o_ptr = b * s_ob + h * s_oh + offs_n * s_on
@@ -133,9 +135,11 @@ def _quant_decode_kernel(
         vzero = tl.load(VZ + vptr, mask=tok_ok[:, None], other=0.0).to(tl.float32)
         values = vzero + vcodes * vscale
         if R > 0:
+            vl_ptr = VL + b * s_vlb + h * s_vlh + offs_n * s_vln
+            vr_ptr = VR + b * s_vrb + h * s_vrh + blk[:, None] * s_vrk + offs_d[None, :] * s_vrd
             for r in tl.static_range(R):
-                left = tl.load(VL + l_ptr + r, mask=tok_ok, other=0.0).to(tl.float32)
-                right = tl.load(VR + r_ptr + r, mask=tok_ok[:, None], other=0.0).to(tl.float32)
+                left = tl.load(vl_ptr + r * s_vlr, mask=tok_ok, other=0.0).to(tl.float32)
+                right = tl.load(vr_ptr + r * s_vrr, mask=tok_ok[:, None], other=0.0).to(tl.float32)
                 values += left[:, None] * right
         if KO > 0:
             for o in tl.static_range(KO):
@@ -218,22 +222,26 @@ def quant_decode_triton(
         ms = (mask_t.stride(0), mask_t.stride(1), mask_t.stride(2))
     else:
         mask_t, q_len, ms = dummy, 1, (0, 0, 0)
-    if rank and (kl.stride() != vl.stride() or kr.stride() != vr.stride()):
-        raise ValueError("quant_decode_triton: key and value low-rank factors must share a layout")
-    if n_out and (kov.stride() != koi.stride() or kov.stride() != vov.stride() or kov.stride() != voi.stride()):
-        raise ValueError("quant_decode_triton: outlier tensors must share a layout")
-    if body.k_scale.stride() != body.k_zero.stride() or body.v_scale.stride() != body.v_zero.stride():
-        raise ValueError("quant_decode_triton: scales and zeros must share a layout")
+    if n_out and len({kov.stride(), koi.stride(), vov.stride(), voi.stride()}) > 1 or (n_out and kov.stride(-1) != 1):
+        # one stride set serves the four outlier tensors (a copy only if a caller built them differently)
+        kov, koi, vov, voi = (t.contiguous() for t in (kov, koi, vov, voi))
+    k_scale, k_zero, v_scale, v_zero = body.k_scale, body.k_zero, body.v_scale, body.v_zero
+    if k_scale.stride() != k_zero.stride():
+        k_scale, k_zero = k_scale.contiguous(), k_zero.contiguous()
+    if v_scale.stride() != v_zero.stride():
+        v_scale, v_zero = v_scale.contiguous(), v_zero.contiguous()
     _quant_decode_kernel[(b * h, n_splits)](
         q, q.stride(0), q.stride(1), q.stride(2),
         body.k_codes, *body.k_codes.stride()[:3],
-        body.k_scale, body.k_zero, *body.k_scale.stride()[:3],
+        k_scale, k_zero, *k_scale.stride()[:3],
         body.v_codes, *body.v_codes.stride()[:3],
-        body.v_scale, body.v_zero, *body.v_scale.stride()[:3],
+        v_scale, v_zero, *v_scale.stride()[:3],
         gid, *(gid.stride()[:2] if body.group_ids is not None else (0, 0)),
         gblk,
-        kl, vl, *(kl.stride()[:3] if rank else (0, 0, 0)),
-        kr, vr, *(kr.stride()[:4] if rank else (0, 0, 0, 0)),
+        kl, *(kl.stride() if rank else (0,) * 4),
+        vl, *(vl.stride() if rank else (0,) * 4),
+        kr, *(kr.stride() if rank else (0,) * 5),
+        vr, *(vr.stride() if rank else (0,) * 5),
         kov, koi, vov, voi, *(kov.stride()[:3] if n_out else (0, 0, 0)),
         mask_t, *ms,
         acc, row_max, row_sum,

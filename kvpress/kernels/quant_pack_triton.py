@@ -69,19 +69,27 @@ def _codes(x, zero32, scale32, LEVELS: tl.constexpr):
 
 
 @triton.jit
-def _store_packed(OUT, row_words, row_ok, codes, offs_d, BITS: tl.constexpr, W: tl.constexpr):
+def _store_packed(OUT, row_words, row_ok, codes, offs_d, BITS: tl.constexpr, W: tl.constexpr, T: tl.constexpr,
+                  D: tl.constexpr):  # fmt: skip
     """Pack ``codes`` ``[T, D]`` along D into ``W`` int32 words per row, stored at ``OUT + row_words + w``."""
-    bitpos = offs_d * BITS
     c = codes.to(tl.uint32)
-    for w in tl.static_range(W):
-        rel = bitpos - 32 * w
-        low = (rel >= 0) & (rel < 32)  # the code starts in this word
-        high = (rel < 0) & (rel > -BITS)  # the code started in the previous word and spills into this one
-        sh_low = tl.where(low, rel, 0).to(tl.uint32)
-        sh_high = tl.where(high, -rel, 0).to(tl.uint32)
-        part = tl.where(low[None, :], c << sh_low[None, :], tl.where(high[None, :], c >> sh_high[None, :], 0))
-        word = tl.sum(part.to(tl.int64), axis=1)  # disjoint bit fields: the sum is the bitwise or
-        tl.store(OUT + row_words + w, word.to(tl.int32), mask=row_ok)
+    if 32 % BITS == 0:  # 2/4/8 bits: word w holds codes w*P .. w*P + P - 1, no straddling
+        PER: tl.constexpr = 32 // BITS
+        shifts = (tl.arange(0, PER) * BITS).to(tl.uint32)
+        words = tl.sum(tl.reshape(c, (T, W, PER)) << shifts[None, None, :], axis=2)  # disjoint bits: sum == or
+        offs_w = tl.arange(0, W)
+        tl.store(OUT + row_words[:, None] + offs_w[None, :], words.to(tl.int32, bitcast=True), mask=row_ok[:, None])
+    else:  # 3 bits: some codes straddle two words; build each word from the codes overlapping it
+        bitpos = offs_d * BITS
+        for w in tl.static_range(W):
+            rel = bitpos - 32 * w
+            low = (rel >= 0) & (rel < 32)  # the code starts in this word
+            high = (rel < 0) & (rel > -BITS)  # the code started in the previous word and spills into this one
+            sh_low = tl.where(low, rel, 0).to(tl.uint32)
+            sh_high = tl.where(high, -rel, 0).to(tl.uint32)
+            part = tl.where(low[None, :], c << sh_low[None, :], tl.where(high[None, :], c >> sh_high[None, :], 0))
+            word = tl.sum(part.to(tl.int64), axis=1)  # disjoint bit fields: the sum is the bitwise or
+            tl.store(OUT + row_words + w, word.to(tl.int32), mask=row_ok)
 
 
 @triton.jit
@@ -107,7 +115,7 @@ def _pack_channel_kernel(
     tl.store(SCALE + sg, scale)
     tl.store(ZERO + sg, zero)
     codes = _codes(x, zero32[None, :], scale32[None, :], (1 << BITS) - 1)
-    _store_packed(CODES, (row * T + offs_t) * W, tok_ok, codes, offs_d, BITS, W)
+    _store_packed(CODES, (row * T + offs_t) * W, tok_ok, codes, offs_d, BITS, W, G_PAD, D)
 
 
 @triton.jit
@@ -134,7 +142,7 @@ def _pack_token_kernel(
     tl.store(SCALE + sg, scale, mask=tok_ok[:, None])
     tl.store(ZERO + sg, zero, mask=tok_ok[:, None])
     codes = tl.reshape(_codes(x3, zero32[:, :, None], scale32[:, :, None], (1 << BITS) - 1), (BLOCK_T, D))
-    _store_packed(CODES, (row * T + offs_t) * W, tok_ok, codes, offs_d, BITS, W)
+    _store_packed(CODES, (row * T + offs_t) * W, tok_ok, codes, offs_d, BITS, W, BLOCK_T, D)
 
 
 def quantize_pack_triton(

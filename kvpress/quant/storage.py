@@ -66,6 +66,30 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
     return b.clone(memory_format=torch.contiguous_format) if a is None else torch.cat([a, b], dim=2)
 
 
+def packed_body(
+    body: QuantizedBody, n_tokens: int | None = None, group_ids: torch.Tensor | None = None
+) -> kernels.PackedBody:
+    """``body``'s tensors as the kernels read them (:class:`kvpress.kernels.PackedBody`; no copies).
+
+    Args:
+        n_tokens: attend the first ``n_tokens`` body tokens (default all).
+        group_ids: ``[B, H, N]`` int32 key group of each token when groups were thinned by eviction (computed
+            when ``None`` and needed).
+    """
+    if body.group_len is not None and group_ids is None:
+        group_ids = body.group_ids().to(torch.int32).contiguous()
+    cfg = body.cfg
+    return kernels.PackedBody(
+        k_codes=body.k_codes, k_scale=body.k_scale, k_zero=body.k_zero,
+        v_codes=body.v_codes, v_scale=body.v_scale, v_zero=body.v_zero,
+        key_bits=cfg.key_bits, value_bits=cfg.value_bits, group_size=cfg.group_size, value_group=cfg.value_group,
+        n_tokens=body.n_tokens if n_tokens is None else n_tokens,
+        group_ids=group_ids if body.group_len is not None else None, group_block=body.group_block,
+        k_left=body.k_left, v_left=body.v_left, k_right=body.k_right, v_right=body.v_right,
+        k_out_val=body.k_out_val, k_out_idx=body.k_out_idx, v_out_val=body.v_out_val, v_out_idx=body.v_out_idx,
+    )  # fmt: skip
+
+
 class QuantizedStorage(KVStorage):
     """Quantized storage of one layer (see the module docstring). Built by :meth:`KVQuant.create_storage`."""
 
@@ -221,23 +245,13 @@ class QuantizedStorage(KVStorage):
         return out.reshape(b, q_heads, q_len, d).transpose(1, 2).to(query.dtype)
 
     def _packed(self, n_tokens: int) -> kernels.PackedBody:
-        """The body's tensors for the kernels (no copies), attending its first ``n_tokens`` tokens."""
-        body = self.body
+        """The body for the kernels, attending its first ``n_tokens`` tokens (token groups cached per body)."""
         gid = None
-        if body.group_len is not None:
-            if self._group_ids is None or self._group_ids[0] is not body:
-                self._group_ids = (body, body.group_ids().to(torch.int32).contiguous())
+        if self.body.group_len is not None:
+            if self._group_ids is None or self._group_ids[0] is not self.body:
+                self._group_ids = (self.body, self.body.group_ids().to(torch.int32).contiguous())
             gid = self._group_ids[1]
-        cfg = body.cfg
-        return kernels.PackedBody(
-            k_codes=body.k_codes, k_scale=body.k_scale, k_zero=body.k_zero,
-            v_codes=body.v_codes, v_scale=body.v_scale, v_zero=body.v_zero,
-            key_bits=cfg.key_bits, value_bits=cfg.value_bits, group_size=cfg.group_size,
-            value_group=cfg.value_group, n_tokens=n_tokens, group_ids=gid, group_block=body.group_block,
-            k_left=body.k_left, v_left=body.v_left, k_right=body.k_right, v_right=body.v_right,
-            k_out_val=body.k_out_val, k_out_idx=body.k_out_idx, v_out_val=body.v_out_val,
-            v_out_idx=body.v_out_idx,
-        )  # fmt: skip
+        return packed_body(self.body, n_tokens, gid)
 
     def select(self, keep: torch.Tensor) -> KVStorage:
         """Keep the slots where ``keep`` is True, without re-quantizing anything.
