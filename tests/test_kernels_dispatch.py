@@ -191,3 +191,42 @@ def test_triton_path_equals_torch_path_in_a_model():
     with kernels.force_backend("triton"):
         triton_logits = _generate_logits(model, spec, ids, mask, steps=3)
     torch.testing.assert_close(triton_logits, torch_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_reposition_rotates_exact_sinks_without_building_the_layer():
+    """StreamingLLM-style eviction on quantized storage: the moved keys are KVQuant's exact sinks, so
+    re-positioning keeps the view lazy (decode reads the body in place) and gives what the built view gives."""
+    from kvpress.reposition import reposition
+
+    model = tiny_model("llama")
+    inv_freq = kvpress.reposition.rope_inv_freqs(model)[0]
+    spec = KVQuant(bits=4, group_size=8, residual=4, n_sink=2)
+    g = torch.Generator().manual_seed(0)
+    st = spec.create_storage(0)
+    st.append(torch.randn(2, 2, 60, 16, generator=g), torch.randn(2, 2, 60, 16, generator=g), 0)
+    keep = torch.zeros(2, 2, 60, dtype=torch.bool)
+    keep[..., :2] = True  # the sinks
+    keep[..., 30:] = True  # a window
+    st = st.select(keep)
+    st.append(torch.randn(2, 2, 1, 16, generator=g), torch.randn(2, 2, 1, 16, generator=g), 60)
+    fresh = st.fresh
+    q = torch.randn(2, 4, 1, 16, generator=g)
+    lazy = reposition(st.view(), 61, inv_freq)
+    assert isinstance(lazy, LazyAttentionView) and not lazy.is_materialised
+    out = kvpress.attention.attend(q, lazy, None, 0.25)
+    assert not lazy.is_materialised
+    st.fresh = fresh
+    built = st.view()
+    built.keys  # noqa: B018 - the fallback: build the layer, rotate the moved keys in it
+    expected = kvpress.attention.attend(q, reposition(built, 61, inv_freq), None, 0.25)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lazy.keys, reposition(built, 61, inv_freq).keys, rtol=1e-5, atol=1e-5)
+    # a moved key inside the quantized body: re-positioning builds the layer instead
+    st2 = spec.create_storage(0)
+    st2.append(torch.randn(1, 2, 60, 16, generator=g), torch.randn(1, 2, 60, 16, generator=g), 0)
+    keep = torch.zeros(1, 2, 60, dtype=torch.bool)
+    keep[..., 10:12] = True
+    keep[..., 40:] = True
+    st2 = st2.select(keep)
+    moved = reposition(st2.view(), 60, inv_freq)
+    assert moved.is_materialised

@@ -45,7 +45,7 @@ rotation); ``crop`` (assisted decoding) is not supported.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -58,6 +58,9 @@ if TYPE_CHECKING:
     from kvpress.quant.config import KVQuant
 
 POSITION_DTYPE = torch.int32
+# Re-positioning's keys to replace: slots ``where`` (a (batch, head, slot) index tuple) get ``fn(keys)``, keys in the
+# unrotated basis (float32).
+MovedKeys = tuple[tuple[torch.Tensor, ...], Callable[[torch.Tensor], torch.Tensor]]
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
@@ -169,22 +172,39 @@ class QuantizedStorage(KVStorage):
         """The layer as attention reads it: a lazy view (see the module docstring); consumes the exact copy of
         the last append."""
         fresh, self.fresh = self.fresh, None
-        snapshot = copy.copy(self)  # appends and selects replace tensors, never write into them
+        return copy.copy(self)._lazy_view(fresh)  # a snapshot: appends and selects replace tensors, never write
+
+    def _lazy_view(self, fresh: tuple[torch.Tensor, torch.Tensor] | None, moved: MovedKeys | None = None) -> AttentionView:
+        """The lazy view of this snapshot; ``moved = (where, fn)``: keys at slots ``where`` replaced by ``fn(keys)``
+        (unrotated basis), see :meth:`_rotate_exact_keys`."""
         b, h = self._shape()
         return LazyAttentionView(
             shape=(b, h, self.n_slots, self.cfg.head_dim),
             device=self.sink_k.device,
-            materialise=lambda: snapshot._materialise(fresh),
-            decode=lambda query, allowed, scaling: snapshot._decode(fresh, query, allowed, scaling),
+            materialise=lambda: self._materialise(fresh, moved),
+            decode=lambda query, allowed, scaling: self._decode(fresh, query, allowed, scaling, moved),
             positions=None if self.positions is None else self.positions.long(),
             valid=self.valid,
             key_rotation=self.key_rotation,
             value_rotation=self.value_rotation,
+            rotate_exact_keys=None if moved is not None else (lambda where, fn: self._rotate_exact_keys(fresh, where, fn)),
         )
 
-    def _materialise(self, fresh: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rotate_exact_keys(self, fresh, where, fn) -> AttentionView | None:
+        """A lazy view with the keys of slots ``where`` replaced by ``fn(keys)``, or ``None`` when one of those
+        slots is a quantized body token (re-positioning then builds the whole view)."""
+        slot = where[2]
+        s, nq = self.n_sink_slots, self.n_body_slots
+        cut = self.n_slots - (0 if fresh is None else fresh[0].shape[2])
+        if bool(((slot >= s) & (slot < s + nq) & (slot < cut)).any()):
+            return None
+        return self._lazy_view(fresh, (where, fn))
+
+    def _materialise(
+        self, fresh: tuple[torch.Tensor, torch.Tensor] | None, moved: MovedKeys | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every slot's key and value ``[B, H, N, D]`` in the compute dtype, rotated basis (body dequantized
-        unless this append's exact tokens cover every slot, as after a prefill)."""
+        unless this append's exact tokens cover every slot, as after a prefill); ``moved`` keys replaced."""
         n = 0 if fresh is None else fresh[0].shape[2]
         if n and n == self.n_slots:
             keys, values = self._rotate(fresh[0], self.key_rotation), self._rotate(fresh[1], self.value_rotation)
@@ -193,6 +213,10 @@ class QuantizedStorage(KVStorage):
             if n:
                 keys[:, :, -n:] = self._rotate(fresh[0], self.key_rotation)
                 values[:, :, -n:] = self._rotate(fresh[1], self.value_rotation)
+        if moved is not None:
+            where, fn = moved
+            picked = self._rotate(fn(self._unrotate(keys[where], self.key_rotation)), self.key_rotation)
+            keys = keys.index_put(where, picked)
         return keys.to(self.dtype), values.to(self.dtype)
 
     def _decode(
@@ -201,11 +225,13 @@ class QuantizedStorage(KVStorage):
         query: torch.Tensor,
         allowed: torch.Tensor | None,
         scaling: float,
+        moved: MovedKeys | None = None,
     ) -> torch.Tensor:
         """Decode attention read from the held form.
 
         Args:
             fresh: this step's exact tokens (they replace the last slots), or ``None``.
+            moved: ``(where, fn)``: keys of exact slots ``where`` replaced by ``fn(keys)`` (re-positioning).
             query: ``[B, q_heads, L, D]`` post-RoPE queries (unrotated).
             allowed: ``[B, H, L, N]`` bool over the slots (every row with at least one True) or ``None``.
             scaling: softmax scale.
@@ -232,7 +258,13 @@ class QuantizedStorage(KVStorage):
             cols = torch.cat([torch.arange(n_sink, device=device), torch.arange(s + nq, s + nq + n_res, device=device),
                               torch.arange(cut, n, device=device)])  # fmt: skip
             mask = allowed.index_select(-1, cols)
-        parts = [kernels.dense_partial(q, torch.cat(ex_k, dim=2), torch.cat(ex_v, dim=2), mask)]
+        exact_keys = torch.cat(ex_k, dim=2)
+        if moved is not None:
+            (bi, hi, slot), fn = moved
+            # slot -> index among the exact keys (sinks, then window, then this step's tokens)
+            index = torch.where(slot >= cut, slot - cut + n_sink + n_res, torch.where(slot < s, slot, slot - s - nq + n_sink))
+            exact_keys = exact_keys.float().index_put((bi, hi, index), fn(exact_keys[bi, hi, index].float()))
+        parts = [kernels.dense_partial(q, exact_keys, torch.cat(ex_v, dim=2), mask)]
         if n_body:
             q_body = q if self.key_rotation is None else q @ self.key_rotation.float()
             body_mask = None if allowed is None else allowed[..., s : s + n_body]

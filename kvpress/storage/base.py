@@ -68,7 +68,8 @@ class LazyAttentionView(AttentionView):
     through ``decode`` (fused kernels or chunked torch paths, :mod:`kvpress.kernels`), and ``keys``/``values``
     (the dequantized / padded ``[batch, kv_heads, seq, head_dim]`` tensors of the eager view) are built by
     ``materialise`` on first access only, e.g. when a policy reads them, then kept for the rest of the step.
-    ``positions``, ``valid`` and the rotations are plain attributes, as in the eager view.
+    ``positions``, ``valid`` and the rotations are plain attributes, as in the eager view. ``shape`` and
+    ``device`` are known without building anything.
     """
 
     def __init__(
@@ -81,6 +82,8 @@ class LazyAttentionView(AttentionView):
         valid: torch.Tensor | None,
         key_rotation: torch.Tensor | None = None,
         value_rotation: torch.Tensor | None = None,
+        rotate_exact_keys: Callable[[tuple[torch.Tensor, ...], Callable[[torch.Tensor], torch.Tensor]],
+                                    "AttentionView | None"] | None = None,  # fmt: skip
     ):
         # AttentionView's dataclass __init__ is not called: keys/values are properties here.
         self._shape = tuple(shape)
@@ -92,6 +95,11 @@ class LazyAttentionView(AttentionView):
         self.valid = valid
         self.key_rotation = key_rotation
         self.value_rotation = value_rotation
+        # rotate_exact_keys(where, fn): a view whose keys at slots `where` (a (batch, head, slot) index tuple) are
+        # fn(keys) (fn maps [n, head_dim] float32 keys in the unrotated basis), still lazy; None when a slot in
+        # `where` is not held exactly (e.g. quantized), so the caller builds the keys instead. Used by
+        # kvpress.reposition to move StreamingLLM's sinks without dequantizing the layer.
+        self.rotate_exact_keys = rotate_exact_keys
 
     def _built(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._kv is None:
