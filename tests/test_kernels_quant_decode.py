@@ -150,6 +150,24 @@ def test_triton_kernel_matches_float64_and_torch(case):
         _check(quant_decode_triton(q, pb, None), q, pb, None)
 
 
+@needs_triton
+@pytest.mark.parametrize("dot_dtype,tol", [(torch.float16, 3e-3), (torch.bfloat16, 2.5e-2)])
+def test_triton_half_precision_dots(dot_dtype, tol):
+    """On a float16 / bfloat16 model the kernel's dots run in that dtype (tensor cores): dequantized keys and
+    values, the query and the probabilities rounded to it, float32 accumulation."""
+    from kvpress.kernels.quant_decode_triton import quant_decode_triton
+
+    body = make_body(4, 2, 32, 128, 2, 2, 96, seed=11)
+    pb = packed_body(body)
+    q = _query(2, 2, 8, 128, seed=1)
+    mask = _mask(2, 2, 1, 96, seed=1)
+    part = quant_decode_triton(q, pb, mask, dot_dtype=dot_dtype)
+    keys, values = dequantize64(pb)
+    out, lse = attention64(q, keys, values, mask)
+    torch.testing.assert_close(part.out.double(), out, rtol=tol, atol=tol)
+    torch.testing.assert_close(part.lse.double(), lse, rtol=tol, atol=tol)
+
+
 def _filled_storage(spec: KVQuant, dtype: torch.dtype, n: int, b: int = 2, h: int = 2, d: int = 64, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     st = spec.create_storage(0)

@@ -50,10 +50,12 @@ def test_triton_kernel_matches_float64(dtype, head_dim, gqa, q_len, lengths):
     from kvpress.kernels.ragged_decode_triton import ragged_decode_triton
 
     q, keys, values, lengths, mask = _inputs(lengths, head_dim, gqa, q_len, dtype, seed=3)
+    # dots in the keys' dtype (tensor cores on a GPU): the query and probabilities are rounded to it
+    tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     for m, splits in ((mask, 2), (None, None)):
         part = ragged_decode_triton(q, keys, values, lengths, m, splits=splits)
         ref = ragged64(q, keys, values, lengths, m)
-        torch.testing.assert_close(part.out.double(), ref, rtol=1e-4, atol=2e-5)
+        torch.testing.assert_close(part.out.double(), ref, rtol=tol, atol=tol)
 
 
 def _ragged_storage(dtype=torch.float32, b=2, h=2, n=50, d=16, seed=0) -> RaggedStorage:

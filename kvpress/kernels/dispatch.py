@@ -144,7 +144,9 @@ def quantized_decode(
     """Decode attention over a packed quantized body; see
     :func:`~kvpress.kernels.quant_decode_torch.quant_decode_torch` for the contract.
 
-    ``dtype`` is the model's compute dtype (what the kernel support is checked against; default the query's).
+    ``dtype`` is the model's compute dtype (what the kernel support is checked against; default the query's). The
+    Triton kernel runs its dots in it (tensor cores for float16 / bfloat16, float32 FMA for float32); the torch
+    path computes in float32 throughout.
     """
     choice = choose_backend(
         "quantized decode attention",
@@ -159,7 +161,8 @@ def quantized_decode(
     if choice == "triton":
         from kvpress.kernels.quant_decode_triton import quant_decode_triton
 
-        return quant_decode_triton(query, body, mask)
+        dot = dtype or query.dtype
+        return quant_decode_triton(query, body, mask, dot_dtype=dot if dot in KERNEL_DTYPES else torch.float32)
     return quant_decode_torch(query, body, mask)
 
 

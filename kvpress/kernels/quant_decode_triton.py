@@ -6,16 +6,19 @@ sharing it and the decode tokens), so every code is read from memory once per st
 registers (the bit stream of ``kvpress/quant/packing.py``: code ``i`` at bits ``[bits*i, bits*i + bits)``,
 little-endian; 3-bit codes straddling two words are joined from both), dequantized in float32
 (``zero + code * scale``, keys with one per-channel scale row per key group, values with per-token groups),
-GEAR low-rank rows and outliers applied in registers, then ``q . k`` and ``p @ v`` run as float32 dots with an
-online softmax. Each split writes its unnormalised output, running max and sum; :func:`merge_splits` reduces
+GEAR low-rank rows and outliers applied in registers, then ``q . k`` and ``p @ v`` run as dots accumulated in
+float32 (float32 FMA for float32 models, tensor cores in the model's half dtype otherwise) with an online softmax. Each split writes its unnormalised output, running max and sum; :func:`merge_splits` reduces
 them (the log-sum-exp merge). Rotation is handled by the caller: it rotates the query once and un-rotates the
 output once.
 
 ``query`` is float32 ``[B, H, M, D]``, scaled by the softmax scale, in the rotated key basis. ``D`` must be a
-power of two in [16, 256] (``tl.arange``); ``value_group`` a power of two dividing ``D``.
+power of two in [16, 256] (``tl.arange``); ``value_group`` a power of two dividing ``D``. The tile loop is
+``BLOCK_N`` tokens; query rows are padded to 16 (``tl.dot``'s minimum).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -26,20 +29,48 @@ from kvpress.kernels.partial import AttentionPartial, merge_splits
 
 
 @triton.jit
-def _unpack(row_ptr, row_ok, offs_d, BITS: tl.constexpr):
+def _unpack(row_ptr, row_ok, offs_d, BITS: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
     """Codes ``[BLOCK_N, D]`` int32 of the rows at ``row_ptr`` ``[BLOCK_N]`` (pointers to each row's words)."""
-    bitpos = offs_d * BITS
-    word = bitpos // 32
-    shift = (bitpos % 32).to(tl.uint32)
-    ptr = row_ptr[:, None] + word[None, :]
-    lo = tl.load(ptr, mask=row_ok[:, None], other=0).to(tl.uint32, bitcast=True)
-    val = lo >> shift[None, :]
-    if 32 % BITS != 0:  # 3 bits: some codes continue in the next word
+    if 32 % BITS == 0:  # 2/4/8 bits: each word loaded once, its codes split off in registers
+        PER: tl.constexpr = 32 // BITS
+        W: tl.constexpr = D // PER
+        offs_w = tl.arange(0, W)
+        words = tl.load(row_ptr[:, None] + offs_w[None, :], mask=row_ok[:, None], other=0).to(tl.uint32, bitcast=True)
+        shifts = (tl.arange(0, PER) * BITS).to(tl.uint32)
+        codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+        return tl.reshape(codes, (BLOCK_N, D)).to(tl.int32)
+    else:  # 3 bits: 32 codes per 3 words, some straddling two words: gather both words of each code
+        bitpos = offs_d * BITS
+        word = bitpos // 32
+        shift = (bitpos % 32).to(tl.uint32)
+        ptr = row_ptr[:, None] + word[None, :]
+        lo = tl.load(ptr, mask=row_ok[:, None], other=0).to(tl.uint32, bitcast=True)
         straddle = (bitpos % 32 + BITS) > 32
         hi = tl.load(ptr + 1, mask=row_ok[:, None] & straddle[None, :], other=0).to(tl.uint32, bitcast=True)
         back = ((32 - bitpos % 32) % 32).to(tl.uint32)  # never 32: no undefined shift
-        val = val | tl.where(straddle[None, :], hi << back[None, :], 0)
-    return (val & ((1 << BITS) - 1)).to(tl.int32)
+        val = (lo >> shift[None, :]) | tl.where(straddle[None, :], hi << back[None, :], 0)
+        return (val & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
+def _dot(a, b, DOT: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """``a @ b`` accumulated in float32: float32 FMA (DOT 0), or float16 / bfloat16 tensor cores (DOT 1 / 2).
+
+    ``EMULATE_BF16`` (Triton's CPU interpreter, whose bfloat16 ``tl.dot`` returns garbage in triton 3.9): the
+    operands are rounded to bfloat16 and multiplied in float32, which is what the tensor cores compute (products
+    of bfloat16 values are exact in float32).
+    """
+    if DOT == 1:
+        return tl.dot(a.to(tl.float16), b.to(tl.float16))
+    elif DOT == 2:
+        if EMULATE_BF16:
+            a16 = a.to(tl.bfloat16).to(tl.float32)
+            b16 = b.to(tl.bfloat16).to(tl.float32)
+            return tl.dot(a16, b16, input_precision="ieee")
+        else:
+            return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        return tl.dot(a, b, input_precision="ieee")
 
 
 @triton.jit
@@ -62,6 +93,7 @@ def _quant_decode_kernel(
     M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     KBITS: tl.constexpr, VBITS: tl.constexpr, G: tl.constexpr, GV: tl.constexpr,
     HAS_GID: tl.constexpr, ALIGNED: tl.constexpr, R: tl.constexpr, KO: tl.constexpr, HAS_MASK: tl.constexpr,
+    DOT: tl.constexpr, EMULATE_BF16: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -86,7 +118,7 @@ def _quant_decode_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         tok_ok = offs_n < stop
         # -- keys: unpack, dequantize with the token's key group, low-rank rows, outliers --------------------
-        kcodes = _unpack(kc_base + offs_n * s_kcn, tok_ok, offs_d, KBITS).to(tl.float32)
+        kcodes = _unpack(kc_base + offs_n * s_kcn, tok_ok, offs_d, KBITS, BLOCK_N, D).to(tl.float32)
         if HAS_GID:
             gid = tl.load(GID + b * s_gb + h * s_gh + offs_n, mask=tok_ok, other=0)
         else:
@@ -115,7 +147,7 @@ def _quant_decode_kernel(
                 idx = tl.load(KOI + o_ptr + o, mask=tok_ok, other=0).to(tl.int32)
                 val = tl.load(KOV + o_ptr + o, mask=tok_ok, other=0.0).to(tl.float32)
                 keys = tl.where(offs_d[None, :] == idx[:, None], val[:, None], keys)
-        logits = tl.dot(q, tl.trans(keys), input_precision="ieee")  # [M_PAD, BLOCK_N]
+        logits = _dot(q, tl.trans(keys), DOT, EMULATE_BF16)  # [M_PAD, BLOCK_N]
         allowed = tok_ok[None, :] & row_ok[:, None]
         if HAS_MASK:
             mptr = MASK + b * s_mb + h * s_mh + (offs_m % L)[:, None] * s_ml + offs_n[None, :]
@@ -129,11 +161,14 @@ def _quant_decode_kernel(
         row_sum = row_sum * alpha + tl.sum(p, 1)
         row_max = new_max
         # -- values: unpack, per-token groups, low-rank rows, outliers ---------------------------------------
-        vcodes = _unpack(vc_base + offs_n * s_vcn, tok_ok, offs_d, VBITS).to(tl.float32)
-        vptr = vs_base + offs_n[:, None] * s_vsn + (offs_d // GV)[None, :]
+        vcodes = _unpack(vc_base + offs_n * s_vcn, tok_ok, offs_d, VBITS, BLOCK_N, D).to(tl.float32)
+        NG: tl.constexpr = D // GV
+        vptr = vs_base + offs_n[:, None] * s_vsn + tl.arange(0, NG)[None, :]  # one scale per value group
         vscale = tl.load(VS + vptr, mask=tok_ok[:, None], other=0.0).to(tl.float32)
         vzero = tl.load(VZ + vptr, mask=tok_ok[:, None], other=0.0).to(tl.float32)
-        values = vzero + vcodes * vscale
+        values = tl.reshape(
+            tl.reshape(vcodes, (BLOCK_N, NG, GV)) * vscale[:, :, None] + vzero[:, :, None], (BLOCK_N, D)
+        )
         if R > 0:
             vl_ptr = VL + b * s_vlb + h * s_vlh + offs_n * s_vln
             vr_ptr = VR + b * s_vrb + h * s_vrh + blk[:, None] * s_vrk + offs_d[None, :] * s_vrd
@@ -146,7 +181,7 @@ def _quant_decode_kernel(
                 idx = tl.load(VOI + o_ptr + o, mask=tok_ok, other=0).to(tl.int32)
                 val = tl.load(VOV + o_ptr + o, mask=tok_ok, other=0.0).to(tl.float32)
                 values = tl.where(offs_d[None, :] == idx[:, None], val[:, None], values)
-        acc = acc * alpha[:, None] + tl.dot(p, values, input_precision="ieee")
+        acc = acc * alpha[:, None] + _dot(p, values, DOT, EMULATE_BF16)
 
     out = (pid_bh * N_SPLITS + pid_s) * M_PAD
     tl.store(ACC + (out + offs_m[:, None]) * D + offs_d[None, :], acc)
@@ -175,8 +210,15 @@ def _target_programs(device: torch.device) -> int:
     return 1  # interpreter: fewest programs (it runs them one after the other)
 
 
+_DOTS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
 def quant_decode_triton(
-    query: torch.Tensor, body: PackedBody, mask: torch.Tensor | None = None, splits: int | None = None
+    query: torch.Tensor,
+    body: PackedBody,
+    mask: torch.Tensor | None = None,
+    splits: int | None = None,
+    dot_dtype: torch.dtype = torch.float32,
 ) -> AttentionPartial:
     """Fused decode attention (same contract as :func:`~kvpress.kernels.quant_decode_torch.quant_decode_torch`).
 
@@ -185,6 +227,9 @@ def quant_decode_triton(
         body: the packed body; ``body.n_tokens`` tokens are attended.
         mask: ``[B, H, L, n_tokens]`` bool (any strides; broadcast dims may have stride 0) or ``None``.
         splits: sequence splits per head (default: enough to give every SM a few programs on CUDA).
+        dot_dtype: precision of the two dots: float32 (FMA, exact to float32), or the model's float16 /
+            bfloat16 (tensor cores; keys and values rounded to it after dequantization, as the model's own
+            attention reads them, and probabilities rounded as flash attention does; accumulation in float32).
     """
     b, h, m, d = query.shape
     n = body.n_tokens
@@ -248,7 +293,8 @@ def quant_decode_triton(
         h, n, split_tokens, q_len, n_splits,
         M=m, M_PAD=m_pad, D=d, BLOCK_N=block, KBITS=body.key_bits, VBITS=body.value_bits,
         G=body.group_size, GV=body.value_group, HAS_GID=body.group_ids is not None, ALIGNED=aligned,
-        R=rank, KO=n_out, HAS_MASK=mask is not None,
+        R=rank, KO=n_out, HAS_MASK=mask is not None, DOT=_DOTS[dot_dtype],
+        EMULATE_BF16=os.environ.get("TRITON_INTERPRET", "0") == "1",
     )  # fmt: skip
     shape = (b, h, n_splits, m_pad)
     part = merge_splits(acc.view(*shape, d), row_max.view(shape), row_sum.view(shape))

@@ -2,17 +2,21 @@
 
 Grid ``(batch * kv_heads, splits)``: program ``(s, j)`` reads tokens ``[j * SPLIT, (j + 1) * SPLIT)`` of segment
 ``s`` only (``offsets[s] .. offsets[s + 1]`` in the flat ``[total_tokens, head_dim]`` tensors), for all ``M``
-query rows of that KV head; splits past a short head's end exit with an empty state. Online softmax in float32,
+query rows of that KV head; splits past a short head's end exit with an empty state. Dots in the keys' dtype
+(tensor cores for float16 / bfloat16, float32 FMA for float32) accumulated in float32, online softmax in float32,
 then the log-sum-exp merge of :func:`~kvpress.kernels.partial.merge_splits`.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from kvpress.kernels.partial import AttentionPartial, merge_splits
+from kvpress.kernels.quant_decode_triton import _DOTS, _dot
 from kvpress.kernels.ragged_decode_torch import segment_offsets
 
 
@@ -25,6 +29,7 @@ def _ragged_decode_kernel(
     ACC, RMAX, RSUM,
     H, SPLIT_TOKENS, L, N_SPLITS,
     M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
+    DOT: tl.constexpr, EMULATE_BF16: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -46,7 +51,7 @@ def _ragged_decode_kernel(
         tok_ok = offs_n < stop
         rows = seg_start + offs_n
         keys = tl.load(K + rows[:, None] * s_kt + offs_d[None, :], mask=tok_ok[:, None], other=0.0).to(tl.float32)
-        logits = tl.dot(q, tl.trans(keys), input_precision="ieee")
+        logits = _dot(q, tl.trans(keys), DOT, EMULATE_BF16)
         allowed = tok_ok[None, :] & row_ok[:, None]
         if HAS_MASK:
             mptr = MASK + rows[None, :] * s_mt + (offs_m % L)[:, None]
@@ -59,7 +64,7 @@ def _ragged_decode_kernel(
         row_sum = row_sum * alpha + tl.sum(p, 1)
         row_max = new_max
         values = tl.load(V + rows[:, None] * s_vt + offs_d[None, :], mask=tok_ok[:, None], other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, values, input_precision="ieee")
+        acc = acc * alpha[:, None] + _dot(p, values, DOT, EMULATE_BF16)
     out = (pid_bh * N_SPLITS + pid_s) * M_PAD
     tl.store(ACC + (out + offs_m[:, None]) * D + offs_d[None, :], acc)
     tl.store(RMAX + out + offs_m, row_max)
@@ -110,7 +115,8 @@ def ragged_decode_triton(
         mask_t, s_mt,
         acc, row_max, row_sum,
         h, split_tokens, q_len, n_splits,
-        M=m, M_PAD=m_pad, D=d, BLOCK_N=block, HAS_MASK=mask is not None,
+        M=m, M_PAD=m_pad, D=d, BLOCK_N=block, HAS_MASK=mask is not None, DOT=_DOTS.get(keys.dtype, 0),
+        EMULATE_BF16=os.environ.get("TRITON_INTERPRET", "0") == "1",
     )  # fmt: skip
     shape = (b, h, n_splits, m_pad)
     part = merge_splits(acc.view(*shape, d), row_max.view(shape), row_sum.view(shape))
