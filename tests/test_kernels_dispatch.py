@@ -56,7 +56,8 @@ def test_cpu_auto_is_torch_without_warning():
         assert dispatch.choose_backend("x", device=CPU, dtype=torch.float32, head_dim=64) == "torch"
 
 
-def test_unsupported_case_on_cuda_falls_back_with_one_warning():
+def test_unsupported_case_on_cuda_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(dispatch, "triton_import_error", lambda: None)  # as if Triton were installed
     case = dict(device=CUDA, dtype=torch.float16, head_dim=80, bits=(2, 2))
     with pytest.warns(RuntimeWarning, match="head_dim=80 is not supported"):
         assert dispatch.choose_backend("quantized decode attention", **case) == "torch"
@@ -96,6 +97,8 @@ def test_forced_triton_on_an_unsupported_layer_raises_clearly(monkeypatch):
     st.append(torch.randn(1, 2, 1, 80), torch.randn(1, 2, 1, 80), 40)
     assert st.n_body_slots > 0
     q = torch.randn(1, 2, 1, 80)
+    monkeypatch.setattr(dispatch, "triton_import_error", lambda: None)  # as if Triton were installed
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("KVPRESS_KERNELS", "triton")
     with pytest.raises(ValueError, match="KVPRESS_KERNELS=triton.*head_dim=80"):
         st.view().decode(q, None, 0.1)
