@@ -5,11 +5,14 @@ body's tokens, ``BLOCK_N`` tokens at a time, for all ``M = G * L`` query rows of
 sharing it and the decode tokens), so every code is read from memory once per step. Codes are unpacked in
 registers (the bit stream of ``kvpress/quant/packing.py``: code ``i`` at bits ``[bits*i, bits*i + bits)``,
 little-endian; 3-bit codes straddling two words are joined from both), dequantized in float32
-(``zero + code * scale``, keys with one per-channel scale row per key group, values with per-token groups),
-GEAR low-rank rows and outliers applied in registers, then ``q . k`` and ``p @ v`` run as dots accumulated in
-float32 (float32 FMA for float32 models, tensor cores in the model's half dtype otherwise) with an online softmax. Each split writes its unnormalised output, running max and sum; :func:`merge_splits` reduces
-them (the log-sum-exp merge). Rotation is handled by the caller: it rotates the query once and un-rotates the
-output once.
+(``zero + code * scale``, keys with one per-channel scale row per key group, values with per-token groups).
+GEAR outliers are written over their channels in registers; GEAR low rank is folded (``q . L_t R_b^T =
+(q R_b) . L_t`` for keys, ``(sum_t p_t L_t) R_b^T`` for values), so the error ``L R^T`` is never built (a tile
+spanning several low-rank blocks, as in an evicted body, adds each token's row instead). ``q . k`` and ``p @ v``
+run as dots accumulated in float32 (float32 FMA for float32 models, tensor cores in the model's half dtype
+otherwise) with an online softmax. Each split writes its unnormalised output, running max and sum;
+:func:`merge_splits` reduces them (the log-sum-exp merge). Rotation is handled by the caller: it rotates the
+query once and un-rotates the output once.
 
 ``query`` is float32 ``[B, H, M, D]``, scaled by the softmax scale, in the rotated key basis. ``D`` must be a
 power of two in [16, 256] (``tl.arange``); ``value_group`` a power of two dividing ``D``. The tile loop is
@@ -93,7 +96,7 @@ def _quant_decode_kernel(
     M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     KBITS: tl.constexpr, VBITS: tl.constexpr, G: tl.constexpr, GV: tl.constexpr,
     HAS_GID: tl.constexpr, ALIGNED: tl.constexpr, R: tl.constexpr, KO: tl.constexpr, HAS_MASK: tl.constexpr,
-    DOT: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    DOT: tl.constexpr, EMULATE_BF16: tl.constexpr, FOLD: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -134,20 +137,33 @@ def _quant_decode_kernel(
             kzero = tl.load(KZ + sptr, mask=tok_ok[:, None], other=0.0).to(tl.float32)
             keys = kzero + kcodes * kscale
         if R > 0:
-            blk = tl.load(GBLK + gid, mask=tok_ok, other=0)
+            blk = tl.load(GBLK + gid, mask=tok_ok, other=0)  # low-rank block of each token
             kl_ptr = KL + b * s_klb + h * s_klh + offs_n * s_kln
-            kr_ptr = KR + b * s_krb + h * s_krh + blk[:, None] * s_krk + offs_d[None, :] * s_krd
-            for r in tl.static_range(R):
-                left = tl.load(kl_ptr + r * s_klr, mask=tok_ok, other=0.0).to(tl.float32)
-                right = tl.load(kr_ptr + r * s_krr, mask=tok_ok[:, None], other=0.0).to(tl.float32)
-                keys += left[:, None] * right
+            kr_base = KR + b * s_krb + h * s_krh
+            if not FOLD:  # a tile spanning several blocks (evicted body): add each token's low-rank row
+                kr_ptr = kr_base + blk[:, None] * s_krk + offs_d[None, :] * s_krd
+                for r in tl.static_range(R):
+                    left = tl.load(kl_ptr + r * s_klr, mask=tok_ok, other=0.0).to(tl.float32)
+                    right = tl.load(kr_ptr + r * s_krr, mask=tok_ok[:, None], other=0.0).to(tl.float32)
+                    keys += left[:, None] * right
         if KO > 0:
             o_ptr = b * s_ob + h * s_oh + offs_n * s_on
             for o in tl.static_range(KO):
                 idx = tl.load(KOI + o_ptr + o, mask=tok_ok, other=0).to(tl.int32)
                 val = tl.load(KOV + o_ptr + o, mask=tok_ok, other=0.0).to(tl.float32)
+                if FOLD:  # the folded low-rank term is added below: hold the outlier minus it at its channel
+                    for r in tl.static_range(R):
+                        left = tl.load(kl_ptr + r * s_klr, mask=tok_ok, other=0.0).to(tl.float32)
+                        right = tl.load(kr_base + blk * s_krk + idx * s_krd + r * s_krr, mask=tok_ok, other=0.0)
+                        val -= left * right.to(tl.float32)
                 keys = tl.where(offs_d[None, :] == idx[:, None], val[:, None], keys)
         logits = _dot(q, tl.trans(keys), DOT, EMULATE_BF16)  # [M_PAD, BLOCK_N]
+        if FOLD:  # GEAR low rank folded: q . (L_t R_b^T) = (q R_b) . L_t, the error L R^T is never built
+            blk0 = tl.load(GBLK + n0 // G)
+            for r in tl.static_range(R):
+                right = tl.load(kr_base + blk0 * s_krk + offs_d * s_krd + r * s_krr).to(tl.float32)  # [D]
+                left = tl.load(kl_ptr + r * s_klr, mask=tok_ok, other=0.0).to(tl.float32)  # [BLOCK_N]
+                logits += tl.sum(q * right[None, :], axis=1)[:, None] * left[None, :]
         allowed = tok_ok[None, :] & row_ok[:, None]
         if HAS_MASK:
             mptr = MASK + b * s_mb + h * s_mh + (offs_m % L)[:, None] * s_ml + offs_n[None, :]
@@ -171,17 +187,29 @@ def _quant_decode_kernel(
         )
         if R > 0:
             vl_ptr = VL + b * s_vlb + h * s_vlh + offs_n * s_vln
-            vr_ptr = VR + b * s_vrb + h * s_vrh + blk[:, None] * s_vrk + offs_d[None, :] * s_vrd
-            for r in tl.static_range(R):
-                left = tl.load(vl_ptr + r * s_vlr, mask=tok_ok, other=0.0).to(tl.float32)
-                right = tl.load(vr_ptr + r * s_vrr, mask=tok_ok[:, None], other=0.0).to(tl.float32)
-                values += left[:, None] * right
+            vr_base = VR + b * s_vrb + h * s_vrh
+            if not FOLD:
+                vr_ptr = vr_base + blk[:, None] * s_vrk + offs_d[None, :] * s_vrd
+                for r in tl.static_range(R):
+                    left = tl.load(vl_ptr + r * s_vlr, mask=tok_ok, other=0.0).to(tl.float32)
+                    right = tl.load(vr_ptr + r * s_vrr, mask=tok_ok[:, None], other=0.0).to(tl.float32)
+                    values += left[:, None] * right
         if KO > 0:
             for o in tl.static_range(KO):
                 idx = tl.load(VOI + o_ptr + o, mask=tok_ok, other=0).to(tl.int32)
                 val = tl.load(VOV + o_ptr + o, mask=tok_ok, other=0.0).to(tl.float32)
+                if FOLD:
+                    for r in tl.static_range(R):
+                        left = tl.load(vl_ptr + r * s_vlr, mask=tok_ok, other=0.0).to(tl.float32)
+                        right = tl.load(vr_base + blk * s_vrk + idx * s_vrd + r * s_vrr, mask=tok_ok, other=0.0)
+                        val -= left * right.to(tl.float32)
                 values = tl.where(offs_d[None, :] == idx[:, None], val[:, None], values)
         acc = acc * alpha[:, None] + _dot(p, values, DOT, EMULATE_BF16)
+        if FOLD:  # sum_t p_t L_t R_b^T = (p L) R_b^T
+            for r in tl.static_range(R):
+                left = tl.load(vl_ptr + r * s_vlr, mask=tok_ok, other=0.0).to(tl.float32)
+                right = tl.load(vr_base + blk0 * s_vrk + offs_d * s_vrd + r * s_vrr).to(tl.float32)
+                acc += tl.sum(p * left[None, :], axis=1)[:, None] * right[None, :]
 
     out = (pid_bh * N_SPLITS + pid_s) * M_PAD
     tl.store(ACC + (out + offs_m[:, None]) * D + offs_d[None, :], acc)
@@ -294,7 +322,7 @@ def quant_decode_triton(
         M=m, M_PAD=m_pad, D=d, BLOCK_N=block, KBITS=body.key_bits, VBITS=body.value_bits,
         G=body.group_size, GV=body.value_group, HAS_GID=body.group_ids is not None, ALIGNED=aligned,
         R=rank, KO=n_out, HAS_MASK=mask is not None, DOT=_DOTS[dot_dtype],
-        EMULATE_BF16=os.environ.get("TRITON_INTERPRET", "0") == "1",
+        EMULATE_BF16=os.environ.get("TRITON_INTERPRET", "0") == "1", FOLD=aligned and rank > 0,
     )  # fmt: skip
     shape = (b, h, n_splits, m_pad)
     part = merge_splits(acc.view(*shape, d), row_max.view(shape), row_sum.view(shape))
