@@ -139,85 +139,87 @@ def ragged_storage(keys: torch.Tensor, values: torch.Tensor, gen: torch.Generato
 
 
 def gpu_rows(args: argparse.Namespace, device: torch.device) -> tuple[list[dict], float]:
-    dtype = torch.float16
-    hq, hkv, d = args.q_heads, args.kv_heads, args.head_dim
-    groups = hq // hkv
-    scaling = d**-0.5
     bw = copy_bandwidth(device, args.copy_bytes)
     rows: list[dict] = []
     flex = _compiled_flex() if args.flex else None
     for batch in args.batch:
         for n in args.tokens:
-            gen = torch.Generator().manual_seed(n + batch)
-            keys = torch.randn(batch, hkv, n, d, generator=gen).to(device, dtype)
-            values = torch.randn(batch, hkv, n, d, generator=gen).to(device, dtype)
-            new = (torch.randn(batch, hkv, 1, d, generator=gen).to(device, dtype),
-                   torch.randn(batch, hkv, 1, d, generator=gen).to(device, dtype))  # fmt: skip
-            query = torch.randn(batch, hq, 1, d, generator=gen).to(device, dtype)
-            dense_bytes = 2 * keys.numel() * keys.element_size()
-            grouped_q = query.view(batch, hkv, groups, d)
-
-            def record(name: str, fn: Callable[[], object] | None, nbytes: int | None, error: str | None = None):
-                row = {"batch": batch, "tokens": n, "path": name, "bytes_read": nbytes}
-                if error is None and fn is not None:
-                    try:
-                        row["ms"] = bench_ms(fn, device)
-                    except Exception as err:  # a path that fails on this device: say so, go on
-                        error = f"{type(err).__name__}: {str(err)[:160]}"
-                if error is not None:
-                    row["error"] = error
-                rows.append(row)
-                print(_row_text(row, rows, bw), flush=True)
-
-            record("dense fp16 SDPA", lambda: F.scaled_dot_product_attention(grouped_q, keys, values, scale=scaling),
-                   dense_bytes)  # fmt: skip
-            fa, fa_error = _flash_attn()
-            if fa is not None:
-                k_bshd, v_bshd = keys.transpose(1, 2).contiguous(), values.transpose(1, 2).contiguous()
-                q_bshd = query.transpose(1, 2).contiguous()
-                record("FlashAttention kvcache", lambda: fa(q_bshd, k_bshd, v_bshd, softmax_scale=scaling), dense_bytes)
-                del k_bshd, v_bshd
-            else:
-                record("FlashAttention kvcache", None, dense_bytes, fa_error)
-            if flex is not None:
-                record("FlexAttention (compiled)", lambda: flex(query, keys, values, scale=scaling, enable_gqa=True),
-                       dense_bytes)  # fmt: skip
-            hf_step, hf_error = _hf_quantized_step(keys, values, new, query, hq, scaling)
-            record("transformers QuantizedCache 4-bit step", hf_step, None, hf_error)
-            for bits in (4, 2):
-                spec = KVQuant(bits=bits, group_size=args.group_size, residual=args.residual)
-                st = quantized_storage(keys, values, spec, new)
-                packed = st._packed(st.n_body_slots)
-                body_bytes = packed.nbytes_read()
-                exact_bytes = 2 * (st.n_sink_slots + st.n_residual_slots) * batch * hkv * d * keys.element_size()
-                record(f"dequantize + SDPA {bits}-bit (kvpress before)", lambda: materialised_step(st, query, scaling),
-                       body_bytes + exact_bytes)  # fmt: skip
-                q_body = (query.float() * scaling).reshape(batch, hkv, groups, d)
-                if st.key_rotation is not None:
-                    q_body = q_body @ st.key_rotation
-                from kvpress.kernels.quant_decode_triton import quant_decode_triton
-
-                record(f"fused kernel {bits}-bit (kernel only)", lambda: quant_decode_triton(q_body, packed),
-                       body_bytes)  # fmt: skip
-                record(f"fused kernel {bits}-bit (kvpress decode step)",
-                       lambda: decode_step(st, query, scaling, "triton"), body_bytes + exact_bytes)  # fmt: skip
-                del st, packed
-            rg = ragged_storage(keys, values, gen)
-            rg_bytes = 2 * rg.keys.numel() * rg.keys.element_size()
-            lengths = rg.lengths_
-            q_rg = (query.float() * scaling).reshape(batch, hkv, groups, d)
-            from kvpress.kernels.ragged_decode_triton import ragged_decode_triton
-
-            longest = int(lengths.max())
-            record("ragged kernel, 50% tokens/head (kernel only)",
-                   lambda: ragged_decode_triton(q_rg, rg.keys, rg.values, lengths, None, max_length=longest),
-                   rg_bytes)  # fmt: skip
-            record("ragged kernel, 50% tokens/head (kvpress decode step)",
-                   lambda: decode_step(rg, query, scaling, "triton"), rg_bytes)  # fmt: skip
-            del rg, keys, values
+            gpu_case(args, device, batch, n, bw, rows, flex)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows, bw
+
+
+def gpu_case(args: argparse.Namespace, device: torch.device, batch: int, n: int, bw: float, rows: list[dict],
+             flex: Callable | None) -> None:  # fmt: skip
+    """Every GPU row of one (batch, N): appended to ``rows`` and printed."""
+    dtype = torch.float16
+    hq, hkv, d = args.q_heads, args.kv_heads, args.head_dim
+    groups = hq // hkv
+    scaling = d**-0.5
+    gen = torch.Generator().manual_seed(n + batch)
+    keys = torch.randn(batch, hkv, n, d, generator=gen).to(device, dtype)
+    values = torch.randn(batch, hkv, n, d, generator=gen).to(device, dtype)
+    new = (torch.randn(batch, hkv, 1, d, generator=gen).to(device, dtype),
+           torch.randn(batch, hkv, 1, d, generator=gen).to(device, dtype))  # fmt: skip
+    query = torch.randn(batch, hq, 1, d, generator=gen).to(device, dtype)
+    dense_bytes = 2 * keys.numel() * keys.element_size()
+    grouped_q = query.view(batch, hkv, groups, d)
+
+    def record(name: str, fn: Callable[[], object] | None, nbytes: int | None, error: str | None = None) -> None:
+        row = {"batch": batch, "tokens": n, "path": name, "bytes_read": nbytes}
+        if error is None and fn is not None:
+            try:
+                row["ms"] = bench_ms(fn, device)
+            except Exception as err:  # a path that fails on this device: say so, go on
+                error = f"{type(err).__name__}: {str(err)[:160]}"
+        if error is not None:
+            row["error"] = error
+        rows.append(row)
+        print(_row_text(row, rows, bw), flush=True)
+
+    record("dense fp16 SDPA", lambda: F.scaled_dot_product_attention(grouped_q, keys, values, scale=scaling),
+           dense_bytes)  # fmt: skip
+    fa, fa_error = _flash_attn()
+    if fa is not None:
+        k_bshd, v_bshd = keys.transpose(1, 2).contiguous(), values.transpose(1, 2).contiguous()
+        q_bshd = query.transpose(1, 2).contiguous()
+        record("FlashAttention kvcache", lambda: fa(q_bshd, k_bshd, v_bshd, softmax_scale=scaling), dense_bytes)
+    else:
+        record("FlashAttention kvcache", None, dense_bytes, fa_error)
+    if flex is not None:
+        record("FlexAttention (compiled)", lambda: flex(query, keys, values, scale=scaling, enable_gqa=True),
+               dense_bytes)  # fmt: skip
+    hf_step, hf_error = _hf_quantized_step(keys, values, new, query, hq, scaling)
+    record("transformers QuantizedCache 4-bit step", hf_step, None, hf_error)
+    from kvpress.kernels.quant_decode_triton import quant_decode_triton
+    from kvpress.kernels.ragged_decode_triton import ragged_decode_triton
+
+    for bits in (4, 2):
+        spec = KVQuant(bits=bits, group_size=args.group_size, residual=args.residual)
+        st = quantized_storage(keys, values, spec, new)
+        packed = st._packed(st.n_body_slots)
+        body_bytes = packed.nbytes_read()
+        exact_bytes = 2 * (st.n_sink_slots + st.n_residual_slots) * batch * hkv * d * keys.element_size()
+        q_body = (query.float() * scaling).reshape(batch, hkv, groups, d)
+        if st.key_rotation is not None:
+            q_body = q_body @ st.key_rotation
+        record(f"dequantize + SDPA {bits}-bit (kvpress before)",
+               lambda st=st: materialised_step(st, query, scaling), body_bytes + exact_bytes)  # fmt: skip
+        record(f"fused kernel {bits}-bit (kernel only)",
+               lambda q_body=q_body, packed=packed: quant_decode_triton(q_body, packed, dot_dtype=dtype),
+               body_bytes)  # fmt: skip
+        record(f"fused kernel {bits}-bit (kvpress decode step)",
+               lambda st=st: decode_step(st, query, scaling, "triton"), body_bytes + exact_bytes)  # fmt: skip
+    rg = ragged_storage(keys, values, gen)
+    rg_bytes = 2 * rg.keys.numel() * rg.keys.element_size()
+    q_rg = (query.float() * scaling).reshape(batch, hkv, groups, d)
+    longest = int(rg.lengths_.max())
+    record("ragged kernel, 50% tokens/head (kernel only)",
+           lambda: ragged_decode_triton(q_rg, rg.keys, rg.values, rg.lengths_, None, max_length=longest),
+           rg_bytes)  # fmt: skip
+    record("ragged kernel, 50% tokens/head (kvpress decode step)", lambda: decode_step(rg, query, scaling, "triton"),
+           rg_bytes)  # fmt: skip
 
 
 def _flash_attn():
@@ -287,34 +289,42 @@ GPU_HEADER = ("| batch | N | path | ms | vs dense SDPA | MiB read | GB/s | of co
 
 def cpu_layer_rows(args: argparse.Namespace) -> list[dict]:
     """SmolLM2-sized layer: full dequantization vs chunked decode, time and peak temporary memory."""
-    device = torch.device("cpu")
-    b, hkv, hq, d = 1, 3, 9, 64
-    rows = []
+    rows: list[dict] = []
     print("| N | bits | path | ms / layer-step | peak temporary MiB |\n|---:|---:|---|---:|---:|")
     for n in args.cpu_tokens:
-        gen = torch.Generator().manual_seed(n)
-        keys, values = torch.randn(b, hkv, n, d, generator=gen), torch.randn(b, hkv, n, d, generator=gen)
-        new = (torch.randn(b, hkv, 1, d, generator=gen), torch.randn(b, hkv, 1, d, generator=gen))
-        query = torch.randn(b, hq, 1, d, generator=gen)
-        grouped_q = query.view(b, hkv, hq // hkv, d)
-        scaling = d**-0.5
-        paths: dict[str, tuple[int | None, Callable[[], object]]] = {
-            "dense float32 SDPA": (None, lambda: F.scaled_dot_product_attention(grouped_q, keys, values, scale=scaling)),
-        }
-        for bits in (2, 4):
-            st = quantized_storage(keys, values, KVQuant(bits=bits), new)
-            paths[f"full dequantization + SDPA (before) {bits}"] = (bits, lambda st=st: materialised_step(st, query, scaling))
-            paths[f"chunked torch decode {bits}"] = (bits, lambda st=st: decode_step(st, query, scaling))
-        times: dict[str, list[float]] = {name: [] for name in paths}
-        for _ in range(args.rounds):  # interleaved: load hits every path alike
-            for name, (_, fn) in paths.items():
-                times[name].append(bench_ms(fn, device, rounds=1))
-        for name, (bits, fn) in paths.items():
-            row = {"tokens": n, "bits": bits, "path": name.rsplit(" ", 1)[0] if bits else name,
-                   "ms": statistics.median(times[name]), "peak_temporary_bytes": peak_temporary_bytes(fn, device)}  # fmt: skip
-            rows.append(row)
-            print(f"| {n:,} | {bits or ''} | {row['path']} | {row['ms']:.2f} | {row['peak_temporary_bytes'] / 2**20:.2f} |",
-                  flush=True)  # fmt: skip
+        rows += cpu_layer_case(n, args.rounds)
+    return rows
+
+
+def cpu_layer_case(n: int, rounds: int) -> list[dict]:
+    device = torch.device("cpu")
+    b, hkv, hq, d = 1, 3, 9, 64
+    gen = torch.Generator().manual_seed(n)
+    keys, values = torch.randn(b, hkv, n, d, generator=gen), torch.randn(b, hkv, n, d, generator=gen)
+    new = (torch.randn(b, hkv, 1, d, generator=gen), torch.randn(b, hkv, 1, d, generator=gen))
+    query = torch.randn(b, hq, 1, d, generator=gen)
+    grouped_q = query.view(b, hkv, hq // hkv, d)
+    scaling = d**-0.5
+    paths: dict[str, tuple[int | None, Callable[[], object]]] = {
+        "dense float32 SDPA": (None, lambda: F.scaled_dot_product_attention(grouped_q, keys, values, scale=scaling)),
+    }
+    for bits in (2, 4):
+        st = quantized_storage(keys, values, KVQuant(bits=bits), new)
+        before = f"full dequantization + SDPA (before) {bits}"
+        paths[before] = (bits, lambda st=st: materialised_step(st, query, scaling))
+        paths[f"chunked torch decode {bits}"] = (bits, lambda st=st: decode_step(st, query, scaling))
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(rounds):  # interleaved: load hits every path alike
+        for name, (_, fn) in paths.items():
+            times[name].append(bench_ms(fn, device, rounds=1))
+    rows = []
+    for name, (bits, fn) in paths.items():
+        row = {"tokens": n, "bits": bits, "path": name.rsplit(" ", 1)[0] if bits else name,
+               "ms": statistics.median(times[name]),
+               "peak_temporary_bytes": peak_temporary_bytes(fn, device)}  # fmt: skip
+        rows.append(row)
+        mib = row["peak_temporary_bytes"] / 2**20
+        print(f"| {n:,} | {bits or ''} | {row['path']} | {row['ms']:.2f} | {mib:.2f} |", flush=True)
     return rows
 
 
@@ -337,7 +347,8 @@ def cpu_model_rows(args: argparse.Namespace) -> list[dict]:
             with torch.no_grad(), kvpress.patch(model, spec) as session:
                 cache = session.new_cache()
                 for start in range(0, n, args.prefill_chunk):  # chunked prefill keeps attention memory small
-                    out = model(ids[:, start : start + args.prefill_chunk], **cache_kwargs(model, cache), use_cache=True)
+                    chunk = ids[:, start : start + args.prefill_chunk]
+                    out = model(chunk, **cache_kwargs(model, cache), use_cache=True)
                 token = out.logits[:, -1:].argmax(-1)
                 for _ in range(args.steps):
                     for name, limit in variants:

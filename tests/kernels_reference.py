@@ -11,6 +11,7 @@ from kvpress.kernels import PackedBody
 from kvpress.quant.body import BodyConfig, QuantizedBody
 from kvpress.quant.packing import unpack
 
+
 def triton_missing() -> str | None:
     try:
         import triton  # noqa: F401
@@ -65,9 +66,8 @@ def dequantize64(body: PackedBody) -> tuple[torch.Tensor, torch.Tensor]:
     index = gid.unsqueeze(-1).expand(b, h, n, d)
     keys = body.k_zero.double().gather(2, index) + kc * body.k_scale.double().gather(2, index)
     gv = body.value_group
-    values = (
-        body.v_zero[:, :, :n].double().repeat_interleave(gv, -1) + vc * body.v_scale[:, :, :n].double().repeat_interleave(gv, -1)
-    )
+    v_zero = body.v_zero[:, :, :n].double().repeat_interleave(gv, -1)
+    values = v_zero + vc * body.v_scale[:, :, :n].double().repeat_interleave(gv, -1)
     if body.k_left is not None:
         blk = body.group_block.long()[gid]
         for name, left, right in (("k", body.k_left, body.k_right), ("v", body.v_left, body.v_right)):

@@ -37,8 +37,9 @@ def test_bit_exact_with_torch_quantizer(dtype, scale_dtype, bits):
     i = (2, 3, 4, 8).index(bits)
     head_dim = (64, 128)[i % 2]
     # keys: groups of 8/32/64/128 tokens with a partial last group; values: groups of 32/64 channels
-    group = (32, 64, 128, 8)[i]
-    for axis, group, tokens in (("channel", group, group + group // 2 + 3), ("token", (32, 64)[i % 2], 19)):
+    key_group = (32, 64, 128, 8)[i]
+    cases = (("channel", key_group, key_group + key_group // 2 + 3), ("token", (32, 64)[i % 2], 19))
+    for axis, group, tokens in cases:
         x = _x((1, 2, tokens, head_dim), dtype, seed=bits)
         ref = quantize(x, bits, group, axis, scale_dtype=scale_dtype)
         codes, scale, zero = quantize_pack_triton(x, bits, group, axis, scale_dtype)

@@ -82,7 +82,7 @@ def test_storage_decode_equals_padded_view(backend, dtype):
         out = attend(q, view, allowed, 0.25)
     assert not view.is_materialised  # read from the flat layout
     padded = st.view()
-    padded.keys  # materialise: the SDPA path over the padded tensors
+    _ = padded.keys  # materialise: the SDPA path over the padded tensors
     expected = attend(q.double(), _double_view(padded), allowed, 0.25)
     tol = 2e-5 if dtype == torch.float32 else 1.6e-2
     torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)

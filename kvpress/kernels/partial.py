@@ -45,7 +45,7 @@ def merge(parts: list[AttentionPartial]) -> AttentionPartial:
     w = torch.exp(lse - safe)  # 0 for empty parts
     total = w.sum(0)
     norm = torch.where(total > 0, total, torch.ones_like(total))
-    out = sum(p.out * (wi / norm).unsqueeze(-1) for p, wi in zip(parts, w))
+    out = sum(p.out * (wi / norm).unsqueeze(-1) for p, wi in zip(parts, w, strict=True))
     return AttentionPartial(out, safe + torch.log(total))
 
 

@@ -124,7 +124,8 @@ def quant_decode_torch(
                 held = held + _lowrank_at(body.v_left[:, :, c0:c1], body.v_right, blk, v_idx)
             v_delta = body.v_out_val[:, :, c0:c1].float() - held  # [B, H, C, K]
         values = vcodes.view(b, h, c, ngv, body.value_group)
-        values.mul_(body.v_scale[:, :, c0:c1].float().unsqueeze(-1)).add_(body.v_zero[:, :, c0:c1].float().unsqueeze(-1))
+        values.mul_(body.v_scale[:, :, c0:c1].float().unsqueeze(-1))
+        values.add_(body.v_zero[:, :, c0:c1].float().unsqueeze(-1))
         acc = acc * alpha.unsqueeze(-1) + p @ vcodes
         if rank:
             p_left.mul_(alpha.view(b, h, m, 1, 1))

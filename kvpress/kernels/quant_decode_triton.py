@@ -266,8 +266,8 @@ def quant_decode_triton(
     q = query.float().contiguous()
     block, aligned = _block_n(body)
     n_splits = splits or _splits(b, h, n, block, _target_programs(q.device))
-    split_tokens = -(-(-(-n // n_splits)) // block) * block  # a multiple of the tile
-    n_splits = -(-n // split_tokens)
+    split_tokens = triton.cdiv(triton.cdiv(n, n_splits), block) * block  # a multiple of the tile
+    n_splits = triton.cdiv(n, split_tokens)
     m_pad = max(16, triton.next_power_of_2(m))
     acc = torch.empty(b * h * n_splits * m_pad * d, device=q.device, dtype=torch.float32)
     row_max = torch.empty(b * h * n_splits * m_pad, device=q.device, dtype=torch.float32)

@@ -95,9 +95,9 @@ def ragged_decode_triton(
         return AttentionPartial(q.new_zeros(b, h, m, d), q.new_full((b, h, m), float("-inf")))
     if splits is None:
         target = 4 * torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-        splits = max(1, min(-(-longest // block), -(-target // (b * h))))
-    split_tokens = -(-(-(-longest // splits)) // block) * block
-    n_splits = -(-longest // split_tokens)
+        splits = max(1, min(triton.cdiv(longest, block), triton.cdiv(target, b * h)))
+    split_tokens = triton.cdiv(triton.cdiv(longest, splits), block) * block
+    n_splits = triton.cdiv(longest, split_tokens)
     m_pad = max(16, triton.next_power_of_2(m))
     acc = torch.empty(b * h * n_splits * m_pad * d, device=q.device, dtype=torch.float32)
     row_max = torch.empty(b * h * n_splits * m_pad, device=q.device, dtype=torch.float32)

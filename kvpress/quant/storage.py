@@ -174,7 +174,9 @@ class QuantizedStorage(KVStorage):
         fresh, self.fresh = self.fresh, None
         return copy.copy(self)._lazy_view(fresh)  # a snapshot: appends and selects replace tensors, never write
 
-    def _lazy_view(self, fresh: tuple[torch.Tensor, torch.Tensor] | None, moved: MovedKeys | None = None) -> AttentionView:
+    def _lazy_view(
+        self, fresh: tuple[torch.Tensor, torch.Tensor] | None, moved: MovedKeys | None = None
+    ) -> AttentionView:
         """The lazy view of this snapshot; ``moved = (where, fn)``: keys at slots ``where`` replaced by ``fn(keys)``
         (unrotated basis), see :meth:`_rotate_exact_keys`."""
         b, h = self._shape()
@@ -187,7 +189,9 @@ class QuantizedStorage(KVStorage):
             valid=self.valid,
             key_rotation=self.key_rotation,
             value_rotation=self.value_rotation,
-            rotate_exact_keys=None if moved is not None else (lambda where, fn: self._rotate_exact_keys(fresh, where, fn)),
+            rotate_exact_keys=None if moved is not None else (
+                lambda where, fn: self._rotate_exact_keys(fresh, where, fn)
+            ),
         )
 
     def _rotate_exact_keys(self, fresh, where, fn) -> AttentionView | None:
@@ -262,7 +266,8 @@ class QuantizedStorage(KVStorage):
         if moved is not None:
             (bi, hi, slot), fn = moved
             # slot -> index among the exact keys (sinks, then window, then this step's tokens)
-            index = torch.where(slot >= cut, slot - cut + n_sink + n_res, torch.where(slot < s, slot, slot - s - nq + n_sink))
+            in_window = torch.where(slot < s, slot, slot - s - nq + n_sink)
+            index = torch.where(slot >= cut, slot - cut + n_sink + n_res, in_window)
             exact_keys = exact_keys.float().index_put((bi, hi, index), fn(exact_keys[bi, hi, index].float()))
         parts = [kernels.dense_partial(q, exact_keys, torch.cat(ex_v, dim=2), mask)]
         if n_body:
