@@ -9,7 +9,9 @@ transformers' ``QuantizedCache`` step (quanto, where installed), kvpress's previ
 layer, then SDPA), the fused kernel at 4 and 2 bits (the kernel alone, and kvpress's whole decode step: exact
 sinks and window, merge), and the ragged kernel with heads holding 25-75% of N (50% on average). Columns: time
 (median, ``triton.testing.do_bench``), speed-up against dense SDPA, bytes the path reads, achieved bandwidth and
-its fraction of a measured device-to-device copy bandwidth (read + write bytes / time of a 1 GiB copy).
+its fraction of a measured device-to-device copy bandwidth (read + write bytes / time of a 1 GiB copy), and for
+the kvpress rows the largest absolute difference between the Triton and the torch path on the same inputs (the
+kernels' correctness check on the device: the unit tests run them through Triton's CPU interpreter).
 
 On CPU (always): the torch paths on SmolLM2-135M-sized layers (1 row, 3 KV heads, 9 query heads, head_dim 64,
 float32): the previous full dequantization (build the layer's keys and values, then SDPA) against the chunked
@@ -166,8 +168,14 @@ def gpu_case(args: argparse.Namespace, device: torch.device, batch: int, n: int,
     dense_bytes = 2 * keys.numel() * keys.element_size()
     grouped_q = query.view(batch, hkv, groups, d)
 
-    def record(name: str, fn: Callable[[], object] | None, nbytes: int | None, error: str | None = None) -> None:
+    def record(name: str, fn: Callable[[], object] | None, nbytes: int | None, error: str | None = None,
+               check: Callable[[], float] | None = None) -> None:  # fmt: skip
         row = {"batch": batch, "tokens": n, "path": name, "bytes_read": nbytes}
+        if check is not None:  # correctness on this device: the kernel against the torch path on the same inputs
+            try:
+                row["max_abs_diff_vs_torch_path"] = check()
+            except Exception as err:
+                row["check_error"] = f"{type(err).__name__}: {str(err)[:160]}"
         if error is None and fn is not None:
             try:
                 row["ms"] = bench_ms(fn, device)
@@ -192,6 +200,7 @@ def gpu_case(args: argparse.Namespace, device: torch.device, batch: int, n: int,
                dense_bytes)  # fmt: skip
     hf_step, hf_error = _hf_quantized_step(keys, values, new, query, hq, scaling)
     record("transformers QuantizedCache 4-bit step", hf_step, None, hf_error)
+    from kvpress.kernels.quant_decode_torch import quant_decode_torch
     from kvpress.kernels.quant_decode_triton import quant_decode_triton
     from kvpress.kernels.ragged_decode_triton import ragged_decode_triton
 
@@ -208,9 +217,12 @@ def gpu_case(args: argparse.Namespace, device: torch.device, batch: int, n: int,
                lambda st=st: materialised_step(st, query, scaling), body_bytes + exact_bytes)  # fmt: skip
         record(f"fused kernel {bits}-bit (kernel only)",
                lambda q_body=q_body, packed=packed: quant_decode_triton(q_body, packed, dot_dtype=dtype),
-               body_bytes)  # fmt: skip
+               body_bytes, check=lambda q_body=q_body, packed=packed: _max_diff(
+                   quant_decode_triton(q_body, packed, dot_dtype=dtype).out, quant_decode_torch(q_body, packed).out))
         record(f"fused kernel {bits}-bit (kvpress decode step)",
-               lambda st=st: decode_step(st, query, scaling, "triton"), body_bytes + exact_bytes)  # fmt: skip
+               lambda st=st: decode_step(st, query, scaling, "triton"), body_bytes + exact_bytes,
+               check=lambda st=st: _max_diff(decode_step(st, query, scaling, "triton"),
+                                             decode_step(st, query, scaling, "torch")))  # fmt: skip
     rg = ragged_storage(keys, values, gen)
     rg_bytes = 2 * rg.keys.numel() * rg.keys.element_size()
     q_rg = (query.float() * scaling).reshape(batch, hkv, groups, d)
@@ -219,7 +231,12 @@ def gpu_case(args: argparse.Namespace, device: torch.device, batch: int, n: int,
            lambda: ragged_decode_triton(q_rg, rg.keys, rg.values, rg.lengths_, None, max_length=longest),
            rg_bytes)  # fmt: skip
     record("ragged kernel, 50% tokens/head (kvpress decode step)", lambda: decode_step(rg, query, scaling, "triton"),
-           rg_bytes)  # fmt: skip
+           rg_bytes, check=lambda: _max_diff(decode_step(rg, query, scaling, "triton"),
+                                             decode_step(rg, query, scaling, "torch")))  # fmt: skip
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
 
 
 def _flash_attn():
@@ -272,17 +289,19 @@ def _row_text(row: dict, rows: list[dict], bw: float) -> str:
             row["gb_per_s"] = row["bytes_read"] / (row["ms"] * 1e-3) / 1e9
             row["fraction_of_copy_bw"] = row["gb_per_s"] * 1e9 / bw
     cells = [str(row["batch"]), f"{row['tokens']:,}", row["path"]]
+    diff = row.get("check_error") or ("" if "max_abs_diff_vs_torch_path" not in row
+                                      else f"{row['max_abs_diff_vs_torch_path']:.1e}")  # fmt: skip
     if "error" in row:
-        return "| " + " | ".join(cells + [row["error"], "", "", "", ""]) + " |"
+        return "| " + " | ".join(cells + [row["error"], "", "", "", "", diff]) + " |"
     mb = "" if not row.get("bytes_read") else f"{row['bytes_read'] / 2**20:.1f}"
     gbs = "" if "gb_per_s" not in row else f"{row['gb_per_s']:.0f}"
     frac = "" if "fraction_of_copy_bw" not in row else f"{row['fraction_of_copy_bw']:.0%}"
     speed = "" if row.get("speedup_vs_dense") is None else f"{row['speedup_vs_dense']:.2f}x"
-    return "| " + " | ".join(cells + [f"{row['ms']:.3f}", speed, mb, gbs, frac]) + " |"
+    return "| " + " | ".join(cells + [f"{row['ms']:.3f}", speed, mb, gbs, frac, diff]) + " |"
 
 
-GPU_HEADER = ("| batch | N | path | ms | vs dense SDPA | MiB read | GB/s | of copy BW |\n"
-              "|---:|---:|---|---:|---:|---:|---:|---:|")  # fmt: skip
+GPU_HEADER = ("| batch | N | path | ms | vs dense SDPA | MiB read | GB/s | of copy BW | max abs diff vs torch path |\n"
+              "|---:|---:|---|---:|---:|---:|---:|---:|---:|")  # fmt: skip
 
 # -- CPU rows ------------------------------------------------------------------------------------------------------
 
