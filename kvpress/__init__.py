@@ -12,7 +12,21 @@ from kvpress.compat import cache_argument, cache_kwargs, output_cache
 from kvpress.context import LayerContext
 from kvpress.models import DEFAULT_MODEL, load_model
 from kvpress.patching import SUPPORTED_ATTENTION, SUPPORTED_MODEL_TYPES, PatchSession, patch
-from kvpress.policies import Pipeline, Policy, ScorePolicy, SnapKV, StreamingLLM, get_policy
+from kvpress.policies import (
+    H2O,
+    TOVA,
+    AdaKV,
+    DecodingBudget,
+    KeyNorm,
+    KVzip,
+    Pipeline,
+    Policy,
+    PyramidKV,
+    ScorePolicy,
+    SnapKV,
+    StreamingLLM,
+    get_policy,
+)
 from kvpress.quant import KVQuant
 
 __version__ = "0.1.0"
@@ -31,6 +45,13 @@ __all__ = [
     "Pipeline",
     "SnapKV",
     "StreamingLLM",
+    "H2O",
+    "TOVA",
+    "KeyNorm",
+    "KVzip",
+    "AdaKV",
+    "PyramidKV",
+    "DecodingBudget",
     "KVQuant",
     "get_policy",
     "cache_argument",

@@ -41,6 +41,7 @@ class CompressedLayer(CacheLayerMixin):
         self.is_initialized = False
         self.policy_state: dict[str, Any] = {}  # per-layer memory of a policy (e.g. accumulated scores)
         self.last_view: AttentionView | None = None  # what attention reads in the current forward
+        self.last_mass: torch.Tensor | None = None  # attention mass of the current forward, if a policy asked
 
     # -- transformers layer API ------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -106,17 +107,23 @@ class CompressedLayer(CacheLayerMixin):
         self.seen_tokens -= n
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.is_initialized:
-            self.storage = self.storage.index_batch(beam_idx)
+        self._index_batch(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
             batch = int(self.storage.lengths().shape[0])
-            self.storage = self.storage.index_batch(torch.arange(batch).repeat_interleave(repeats))
+            self._index_batch(torch.arange(batch).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self.storage = self.storage.index_batch(indices)
+        self._index_batch(indices)
+
+    def _index_batch(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index``, in the storage and in every per-row tensor of the policy's memory."""
+        if not self.is_initialized:
+            return
+        batch = int(self.storage.lengths().shape[0])
+        self.storage = self.storage.index_batch(index)
+        self.policy_state = _index_rows(self.policy_state, index, batch)
 
     def offload(self) -> None:  # offloading is not supported; keep storage where it is
         pass
@@ -126,7 +133,42 @@ class CompressedLayer(CacheLayerMixin):
 
     # -- kvpress ---------------------------------------------------------------------------------------------
     def nbytes(self) -> int:
-        return self.storage.nbytes() if self.is_initialized else 0
+        """Bytes of the held K/V (and positions) plus any per-slot memory a policy keeps (H2O's scores)."""
+        return (self.storage.nbytes() if self.is_initialized else 0) + self.state_nbytes()
+
+    def state_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in _tensors_in(self.policy_state))
+
+    def keep_positions(self, keep: torch.Tensor) -> None:
+        """Keep the held tokens whose absolute position ``p`` has ``keep[b, h, p]`` (``[batch, kv_heads, n]`` bool;
+        positions ``>= n`` are kept): eviction decided over positions rather than over the current slots."""
+        view = self.storage.view()
+        positions = view.positions if view.positions is not None else torch.arange(
+            view.keys.shape[2], device=view.keys.device).expand(view.keys.shape[:3])
+        n = keep.shape[-1]
+        slot_keep = keep.gather(-1, positions.clamp(max=n - 1)) | (positions >= n)
+        if view.valid is not None:
+            slot_keep = slot_keep & view.valid
+        self.keep(slot_keep)
+
+    def truncate(self, n_tokens: int) -> None:
+        """Forget every token at position ``>= n_tokens`` and count ``n_tokens`` as seen: undoes forwards that
+        were run only to read the cache (KVzip's reconstruction), whatever the storage kind."""
+        if not self.is_initialized or self.seen_tokens <= n_tokens:
+            return
+        dense_untouched = isinstance(self.storage, DenseStorage) and self.storage.positions is None
+        if dense_untouched:
+            self.storage.crop(self.seen_tokens - n_tokens)
+        else:
+            view = self.storage.view()
+            positions = view.positions if view.positions is not None else torch.arange(
+                view.keys.shape[2], device=view.keys.device).expand(view.keys.shape[:3])
+            keep = positions < n_tokens
+            if view.valid is not None:
+                keep = keep & view.valid
+            self.storage = self.storage.select(keep)
+        self.seen_tokens = n_tokens
+        self.last_view = None
 
     def __repr__(self) -> str:
         return f"CompressedLayer({type(self.storage).__name__}, seen={self.seen_tokens})"
@@ -168,6 +210,7 @@ class KVPressCache(Cache):
             else:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs))
         super().__init__(layers=layers)
+        self.model_state: dict[str, Any] = {}  # memory a policy keeps across layers (e.g. a global budget)
 
     @property
     def compressed_layers(self) -> list[int]:
@@ -191,7 +234,7 @@ class KVPressCache(Cache):
         total = 0
         for layer in self.layers:
             if isinstance(layer, CompressedLayer):
-                total += layer.storage.storage_nbytes() if layer.is_initialized else 0
+                total += (layer.storage.storage_nbytes() if layer.is_initialized else 0) + layer.state_nbytes()
             else:
                 total += sum(t.untyped_storage().nbytes() for t in _plain_tensors(layer))
         return total
@@ -233,9 +276,44 @@ class KVPressCache(Cache):
             f"{self.nbytes():,} bytes)"
         )
 
+    def truncate(self, n_tokens: int, saved_layers: dict[int, Any] | None = None) -> None:
+        """Forget the tokens after the first ``n_tokens`` in every compressed layer, and put back the other
+        layers (e.g. sliding-window ones) as :meth:`save_uncompressed_layers` saved them."""
+        for idx, layer in enumerate(self.layers):
+            if isinstance(layer, CompressedLayer):
+                layer.truncate(n_tokens)
+            elif saved_layers is not None and idx in saved_layers:
+                self.layers[idx] = copy.copy(saved_layers[idx])
+
+    def save_uncompressed_layers(self) -> dict[int, Any]:
+        """Shallow copies of the layers kvpress leaves to transformers (their tensors are replaced, not written,
+        on update), to restore with :meth:`truncate` after forwards that must leave no trace."""
+        return {i: copy.copy(layer) for i, layer in enumerate(self.layers) if not isinstance(layer, CompressedLayer)}
+
     def clone(self) -> "KVPressCache":
         """A deep copy: fan one prefill out to several compression settings."""
         return copy.deepcopy(self)
+
+
+def _index_rows(value: Any, index: torch.Tensor, batch: int) -> Any:
+    """``value`` with every tensor whose first axis is the batch (size ``batch``) indexed by ``index``."""
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, index.to(value.device)) if value.dim() and value.shape[0] == batch else value
+    if isinstance(value, dict):
+        return {k: _index_rows(v, index, batch) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_index_rows(v, index, batch) for v in value)
+    return value
+
+
+def _tensors_in(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors_in(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors_in(v)]
+    return []
 
 
 def _plain_tensors(layer: Any) -> list[torch.Tensor]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import weakref
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from kvpress.attention import allowed_slots, attend
+from kvpress.attention_mass import attention_with_mass
 from kvpress.cache import CompressedLayer, KVPressCache, StorageFactory, dense_storage_factory
 from kvpress.compat import (
     CACHE_ARGUMENT_NAMES,
@@ -30,7 +31,7 @@ from kvpress.compat import (
     cache_position_index,
     output_cache,
 )
-from kvpress.context import LayerContext
+from kvpress.context import ForwardContext, LayerContext
 from kvpress.policies.base import Policy
 from kvpress.policies.pipeline import Pipeline, is_storage_spec
 from kvpress.reposition import reposition, rope_inv_freqs
@@ -80,9 +81,20 @@ class PatchSession:
         self.cache_index = cache_position_index(self.decoder)
         self.active_cache: KVPressCache | None = None
         self.forward_seen = False  # the decoder pre-hook ran for the forward in progress
+        self.plain_causal = False  # the forward in progress has no padding and no custom mask
         self.seen = ""  # what the pre-hook saw, for error messages
+        # Whole-model policy steps (Policy.after_forward): inputs of the outer forward, and while a policy runs
+        # its own forwards, the per-layer observer that replaces the policy.
+        self.forward_inputs: dict[str, Any] = {}
+        self.observer: Callable[[LayerContext], None] | None = None
+        self.in_policy_forward = False
+        self._tokenizer: Any = None
         # Rotary frequencies per layer when the policy attends at positions within the cache.
         self.inv_freq: dict[int, torch.Tensor] = {}
+        # A policy that accumulates attention mass (H2O) gets it from the attention computation itself:
+        # "sum" (or "max" during a policy's own forwards, for KVzip), None for transformers' own attention.
+        self.default_mass = "sum" if getattr(self.policy, "wants_attention_mass", False) else None
+        self.mass_reduce: str | None = self.default_mass
         if self.policy is not None and getattr(self.policy, "reposition", False):
             self.inv_freq = dict(enumerate(rope_inv_freqs(model)))
 
@@ -110,6 +122,15 @@ class PatchSession:
         if use_cache is None:
             use_cache = getattr(self.model.config, "use_cache", True)
         self.seen = f"{name}={type(cache).__name__}"
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        # No padding and no custom mask: attention is plain causal, which lets kvpress skip building masks.
+        self.plain_causal = mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2 and bool(mask.all()))
+        if not self.in_policy_forward:
+            self.forward_inputs = {
+                "input_ids": kwargs.get("input_ids", args[0] if args else None),
+                "attention_mask": mask,
+                "fresh": not isinstance(cache, Cache) or cache.get_seq_length() == 0,
+            }
         if isinstance(cache, KVPressCache):
             self.active_cache = cache
             return args, kwargs
@@ -147,6 +168,62 @@ class PatchSession:
                     f"layer {layer.layer_idx} stored its keys in the kvpress cache but attention did not run "
                     f"through kvpress (attention implementation {self.model.config._attn_implementation!r})"
                 )
+        if self.policy is not None and not self.in_policy_forward:
+            self.policy.after_forward(self._forward_context(cache))
+
+    def _forward_context(self, cache: KVPressCache) -> ForwardContext:
+        inputs = self.forward_inputs
+        mask = inputs.get("attention_mask")
+        fresh = inputs.get("fresh", False)
+        input_ids = inputs.get("input_ids")
+        phase = "prefill" if fresh else ("decode" if input_ids is not None and input_ids.shape[-1] == 1 else "extend")
+        return ForwardContext(
+            cache=cache,
+            phase=phase,
+            input_ids=input_ids,
+            attention_mask=mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None,
+            num_layers=self.num_layers,
+            run=lambda *a, **kw: self._policy_forward(cache, *a, **kw),
+            tokenizer=self.tokenizer,
+        )
+
+    def _policy_forward(
+        self,
+        cache: KVPressCache,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        observer: Callable[[LayerContext], None] | None = None,
+        mass: str | None = None,
+    ) -> Any:
+        """A decoder forward run by a policy on ``cache``: layers call ``observer`` instead of the policy, with
+        ``ctx.attention_mass`` reduced by ``mass`` ("sum" / "max") when given."""
+        outer_inputs, outer_active = self.forward_inputs, self.active_cache
+        self.in_policy_forward, self.observer, self.mass_reduce = True, observer, mass
+        try:
+            return self.decoder(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                **{self.cache_arg: cache},
+            )
+        finally:
+            self.in_policy_forward, self.observer, self.mass_reduce = False, None, self.default_mass
+            self.forward_inputs, self.active_cache = outer_inputs, outer_active
+            self.forward_seen = False
+
+    def tokenizer(self) -> Any:
+        """The model's tokenizer, from its local files (for policies that write prompts, e.g. KVzip)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            path = getattr(self.model, "name_or_path", None) or self.model.config._name_or_path
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            except (OSError, ValueError) as err:
+                raise ValueError(
+                    f"this policy needs the model's tokenizer and none was found at {path!r}; pass tokenizer=... "
+                    "to the policy"
+                ) from err
+        return self._tokenizer
 
     def _not_applied(self, what: str) -> None:
         raise RuntimeError(
@@ -166,7 +243,7 @@ class PatchSession:
     ) -> None:
         view = layer.last_view
         layer.last_view = None  # the transient view is not held between steps
-        if self.policy is None or view is None:
+        if (self.policy is None and self.observer is None) or view is None:
             return
         q_len = query.shape[2]
         q_start = layer.seen_tokens - q_len
@@ -189,7 +266,17 @@ class PatchSession:
             scaling=scaling,
             seq_len=layer.seen_tokens,
             state=layer.policy_state,
+            allowed_rows_fn=lambda a, b: allowed_slots(
+                None if attention_mask is None else attention_mask[..., a:b, :], view, q_start + a, b - a
+            ),
+            model_state=self.active_cache.model_state if self.active_cache is not None else {},
+            held=view.valid,
+            attention_mass=layer.last_mass,
         )
+        layer.last_mass = None
+        if self.observer is not None:
+            self.observer(ctx)
+            return
         keep = self.policy.select(ctx)
         if keep is not None:
             layer.keep(keep)
@@ -228,7 +315,18 @@ def kvpress_attention(
         scaling = query.shape[-1] ** -0.5
     # A lazy (quantized / ragged) view always goes through kvpress's attention: `key`/`value` are stand-ins.
     untouched = view.positions is None and view.valid is None and view.key_rotation is None
-    if untouched and view.value_rotation is None and not isinstance(view, LazyAttentionView):
+    if session.mass_reduce is not None:  # the policy reads attention mass: compute it with the attention output
+        if layer_idx in session.inv_freq:
+            view = layer.last_view = reposition(view, layer.seen_tokens, session.inv_freq[layer_idx])
+        q_len = query.shape[2]
+        q_start = layer.seen_tokens - q_len
+        causal_from = view.keys.shape[2] - q_len if untouched and session.plain_causal else None
+        rows = lambda a, b: allowed_slots(  # noqa: E731
+            None if attention_mask is None else attention_mask[..., a:b, :], view, q_start + a, b - a)
+        out, layer.last_mass = attention_with_mass(query, view, rows, scaling, causal_from,
+                                                   reduce=session.mass_reduce)
+        weights = None
+    elif untouched and view.value_rotation is None and not isinstance(view, LazyAttentionView):
         out, weights = base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     else:
         if layer_idx in session.inv_freq:

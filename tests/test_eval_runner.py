@@ -51,9 +51,15 @@ def test_every_task_end_to_end(model, tok, name):
 
 
 @pytest.mark.parametrize("mode", ["query-agnostic", "query-aware"])
-def test_fanout_equals_direct_runs(model, tok, mode):
+@pytest.mark.parametrize("policy, params", [
+    ("snapkv", {"window": 16}),
+    ("adakv", {"scorer": "snapkv", "scorer_params": {"window": 16}}),
+    ("pyramidkv", {"scorer": "knorm", "beta": 4}),
+    ("kvzip", {}),
+], ids=["snapkv", "adakv", "pyramidkv", "kvzip"])
+def test_fanout_equals_direct_runs(model, tok, mode, policy, params):
     sample = _task("niah_multikey_prose", 6).make_sample(tok, LENGTH, index=1)
-    specs = sweep(["snapkv"], [0.25, 0.5, 0.9], {"window": 16})
+    specs = sweep([policy], [0.25, 0.5, 0.9], params)
     fanned = run_sample(model, tok, sample, specs, mode, fanout=True)
     direct = run_sample(model, tok, sample, specs, mode, fanout=False)
     for (spec, _, f), (_, _, d) in zip(fanned, direct):

@@ -23,7 +23,7 @@ import torch
 import kvpress
 from kvpress.compat import cache_kwargs
 from kvpress.context import LayerContext
-from kvpress.policies import Policy, ScorePolicy, keep_topk
+from kvpress.policies import KVzip, Policy, ScorePolicy
 
 MODES = ("query-agnostic", "query-aware")
 
@@ -113,7 +113,10 @@ def run_direct(model, tokenizer, policy: Any, prefix_ids, suffix_ids, mode: str,
 
 # ---------------------------------------------------------------------------------------------------- fan-out
 def supports_fanout(policy: Any) -> bool:
-    """True for a :class:`ScorePolicy` that evicts only at prefill, through the base class's top-k rule."""
+    """True for a policy whose prefill decision is a ranking that any ratio can reuse: a :class:`ScorePolicy`
+    that evicts only at prefill through :meth:`ScorePolicy.keep_from_scores`, or :class:`KVzip`."""
+    if isinstance(policy, KVzip):
+        return True
     return (
         isinstance(policy, ScorePolicy)
         and not policy.every_chunk
@@ -131,35 +134,61 @@ def fanout_key(policy: Any) -> tuple | None:
 
 
 class ScoreRecorder(Policy):
-    """Wraps a fan-out-capable policy: at prefill it records the policy's scores per layer and keeps
-    everything; in later phases it defers to :attr:`active` (the configuration being continued)."""
+    """Wraps a fan-out-capable :class:`ScorePolicy`: at prefill it records the policy's scores per layer and
+    keeps everything; in later phases it defers to :attr:`active` (the configuration being continued)."""
 
     name = "score_recorder"
 
     def __init__(self, scorer: ScorePolicy):
-        if not supports_fanout(scorer):
-            raise ValueError(f"{scorer!r} cannot be fanned out")
+        if not supports_fanout(scorer) or isinstance(scorer, KVzip):
+            raise ValueError(f"{scorer!r} cannot be fanned out by score recording")
         self.scorer = scorer
-        self.scores: dict[int, torch.Tensor] = {}
+        self.scores: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}  # layer -> (scores, valid, layers)
         self.active: Policy | None = None
 
     def select(self, ctx: LayerContext) -> torch.Tensor | None:
         if ctx.phase == "prefill":
-            scores = self.scorer.score(ctx).float().masked_fill(~ctx.key_valid, float("-inf"))
-            self.scores[ctx.layer_idx] = scores
+            self.scores[ctx.layer_idx] = (self.scorer.score(ctx), ctx.key_valid, ctx.num_layers)
             return None
         return None if self.active is None else self.active.select(ctx)
 
+    def apply(self, cache, policy: ScorePolicy | None) -> None:
+        """Evict from ``cache`` what ``policy`` would have evicted at prefill, given the recorded scores."""
+        if policy is None:
+            return
+        for layer_idx, (layer_scores, valid, num_layers) in self.scores.items():
+            keep = policy.keep_from_scores(layer_scores, valid, layer_idx, num_layers)
+            if keep is not None:
+                cache.layers[layer_idx].keep(keep)
 
-def apply_scores(cache, scores: dict[int, torch.Tensor], policy: ScorePolicy | None) -> None:
-    """Evict from ``cache`` what ``policy`` would have evicted at prefill, given the recorded ``scores``."""
-    if policy is None:
-        return
-    for layer_idx, layer_scores in scores.items():
-        n_cached = layer_scores.shape[-1]
-        n_keep = policy.n_keep(n_cached)
-        if n_keep < n_cached:
-            cache.layers[layer_idx].keep(keep_topk(layer_scores, n_keep))
+
+class KVzipRecorder(Policy):
+    """Wraps a :class:`KVzip`: after the prefill it runs the reconstruction scoring once and evicts nothing;
+    :meth:`apply` then evicts for any ratio from those scores."""
+
+    name = "kvzip_recorder"
+
+    def __init__(self, kvzip: KVzip):
+        self.kvzip = kvzip
+        self.scores: tuple[dict, dict] | None = None
+        self.active: Policy | None = None
+
+    def select(self, ctx: LayerContext) -> torch.Tensor | None:
+        return None if self.active is None else self.active.select(ctx)
+
+    def after_forward(self, fwd) -> None:
+        if fwd.phase == "prefill":
+            self.scores = self.kvzip.reconstruction_scores(fwd)
+
+    def apply(self, cache, policy: KVzip | None) -> None:
+        if policy is None:
+            return
+        for layer_idx, keep in policy.keep_masks(*self.scores).items():
+            cache.layers[layer_idx].keep_positions(keep)
+
+
+def make_recorder(policy: Any) -> ScoreRecorder | KVzipRecorder:
+    return KVzipRecorder(policy) if isinstance(policy, KVzip) else ScoreRecorder(policy)
 
 
 def run_fanout(
@@ -172,9 +201,9 @@ def run_fanout(
         raise ValueError("fan-out needs at least one scoring policy")
     keys = {fanout_key(p) for p in scorers}
     if None in keys or len(keys) != 1:
-        raise ValueError("fan-out policies must be prefill ScorePolicies differing only in ratio or budget")
+        raise ValueError("fan-out policies must be prefill ScorePolicies (or KVzip) differing only in ratio or budget")
     stop_ids = stop_token_ids(model, tokenizer)
-    recorder = ScoreRecorder(scorers[0])
+    recorder = make_recorder(scorers[0])
     first = first_forward_ids(prefix_ids, suffix_ids, mode)
     results = []
     with kvpress.patch(model, recorder) as session:
@@ -185,7 +214,7 @@ def run_fanout(
         for i, policy in enumerate(policies):
             t0 = time.perf_counter()
             cache = full if i == len(policies) - 1 else full.clone()  # the last one may consume the original
-            apply_scores(cache, recorder.scores, policy)
+            recorder.apply(cache, policy)
             recorder.active = policy
             results.append(
                 _finish(model, tokenizer, cache, logits, suffix_ids, mode, max_new_tokens, stop_ids, cache.nbytes(),

@@ -117,7 +117,7 @@ def _plan(policies: Sequence[Any], fanout: bool) -> list[list[int]]:
 def run_sample(model, tokenizer, sample, specs: Sequence[PolicySpec], mode: str, fanout: bool = True) -> list[tuple[PolicySpec, Any, Generation]]:
     """Every configuration on one sample: ``(spec, policy, generation)`` in the order of ``specs``."""
     n_first = len(first_forward_ids(sample.prefix_ids, sample.suffix_ids, mode))
-    policies = [spec.build(n_first) for spec in specs]
+    policies = [_with_tokenizer(spec.build(n_first), tokenizer) for spec in specs]
     out: dict[int, Generation] = {}
     for group in _plan(policies, fanout):
         if len(group) == 1:
@@ -129,6 +129,14 @@ def run_sample(model, tokenizer, sample, specs: Sequence[PolicySpec], mode: str,
                               mode, sample.max_new_tokens)
             out.update(zip(group, gens))
     return [(spec, policies[i], out[i]) for i, spec in enumerate(specs)]
+
+
+def _with_tokenizer(policy: Any, tokenizer) -> Any:
+    """Hand the evaluation's tokenizer to policies that write prompts (KVzip) and were given none."""
+    for stage in getattr(policy, "policies", [policy]):
+        if hasattr(stage, "tokenizer") and stage.tokenizer is None:
+            stage.tokenizer = tokenizer
+    return policy
 
 
 def make_record(sample, spec: PolicySpec, policy: Any, gen: Generation, mode: str, model_name: str) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvpress.context import LayerContext
+from kvpress.context import ForwardContext, LayerContext
 
 
 class Policy(ABC):
@@ -24,9 +24,18 @@ class Policy(ABC):
     name: ClassVar[str] = "policy"
     # True: after eviction, attend at positions within the cache (see kvpress.reposition), not the original ones.
     reposition: bool = False
+    # True: heads keep different numbers of tokens by design, which saves memory only in ragged storage.
+    needs_ragged: ClassVar[bool] = False
+    # True: attention computes ctx.attention_mass (per-slot attention received) along with its output.
+    wants_attention_mass: bool = False
 
     @abstractmethod
     def select(self, ctx: LayerContext) -> torch.Tensor | None: ...
+
+    def after_forward(self, fwd: ForwardContext) -> None:
+        """Called once the whole model finished a forward (after every layer's :meth:`select`), with a handle
+        that can run extra forwards on the cache. Policies that need the whole model (KVzip's context
+        reconstruction) evict here; the default does nothing."""
 
     def params(self) -> dict[str, Any]:
         """Parameters that identify this configuration (for reports and result files)."""
@@ -58,12 +67,42 @@ def check_int(name: str, value: Any, minimum: int) -> int:
     return value
 
 
-def keep_topk(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
-    """Keep mask ``[batch, kv_heads, seq]`` of the ``n_keep`` highest ``scores`` of each head."""
-    n_keep = max(0, min(n_keep, scores.shape[-1]))
-    index = scores.topk(n_keep, dim=-1).indices
-    keep = torch.zeros_like(scores, dtype=torch.bool)
-    return keep.scatter_(-1, index, True)
+def check_fraction(name: str, value: Any) -> float:
+    """Validate a fraction in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def recent_mask(valid: torch.Tensor, window: int | torch.Tensor) -> torch.Tensor:
+    """``[batch, kv_heads, seq]`` bool: the last ``window`` real slots of each head (slots are in position order)."""
+    from_end = valid.flip(-1).long().cumsum(-1).flip(-1)  # 1 for the newest real slot
+    window = window.unsqueeze(-1) if isinstance(window, torch.Tensor) else window
+    return valid & (from_end <= window)
+
+
+def keep_topk(scores: torch.Tensor, n_keep: int | torch.Tensor) -> torch.Tensor:
+    """Keep mask ``[batch, kv_heads, seq]`` of the ``n_keep`` highest ``scores`` of each head.
+
+    ``n_keep`` is one count for every head, or a ``[batch, kv_heads]`` tensor of counts per head.
+    """
+    seq = scores.shape[-1]
+    if not isinstance(n_keep, torch.Tensor):
+        n_keep = max(0, min(int(n_keep), seq))
+        index = scores.topk(n_keep, dim=-1).indices
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, True)
+    n_keep = n_keep.clamp(0, seq).to(scores.device)
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    rank_ok = torch.arange(seq, device=scores.device) < n_keep.unsqueeze(-1)
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, rank_ok)
+
+
+def keep_count(n_real: torch.Tensor, compression_ratio: float | None, budget: int | None) -> torch.Tensor:
+    """Tokens each head keeps (``[batch, kv_heads]``) given its real tokens: a fraction or a budget, at least 1."""
+    if budget is not None:
+        return n_real.clamp(max=budget)
+    kept = (n_real.double() * (1.0 - compression_ratio)).floor().long()
+    return kept.clamp(min=1).minimum(n_real)
 
 
 class ScorePolicy(Policy):
@@ -73,9 +112,11 @@ class ScorePolicy(Policy):
         compression_ratio: fraction of the cached tokens removed, in [0, 1) (NVIDIA kvpress's convention);
         budget: number of tokens each head keeps.
 
-    By default it compresses once, at the end of prefill (the first forward on a fresh cache). With
-    ``every_chunk=True`` it also compresses after every later multi-token forward (chunked prefill).
-    Subclasses implement :meth:`score`; slots a query may not attend to (padding) always score lowest.
+    Ratios apply to each row's real tokens (padding is never counted nor kept), so rows of a left-padded batch
+    keep their own share. By default it compresses once, at the end of prefill (the first forward on a fresh
+    cache). With ``every_chunk=True`` it also compresses after every later multi-token forward (chunked prefill).
+    Subclasses implement :meth:`score`; budget-shaping wrappers (AdaKV, PyramidKV) override
+    :meth:`keep_from_scores`. Slots a query may not attend to (padding) always score lowest.
     """
 
     def __init__(
@@ -93,22 +134,45 @@ class ScorePolicy(Policy):
     def score(self, ctx: LayerContext) -> torch.Tensor:
         """``[batch, kv_heads, seq]`` importance of every cached slot (higher is kept)."""
 
+    def observe(self, ctx: LayerContext) -> None:
+        """Update any memory the scores depend on, at every forward (H2O accumulates attention here). Wrappers
+        that evict on their own schedule (:class:`~kvpress.policies.DecodingBudget`) call it between evictions."""
+
     def n_keep(self, n_cached: int) -> int:
-        if self.budget is not None:
-            return min(self.budget, n_cached)
-        return max(1, int(n_cached * (1.0 - self.compression_ratio)))
+        """Tokens a head holding ``n_cached`` real tokens keeps."""
+        return int(keep_count(torch.tensor([[n_cached]]), self.compression_ratio, self.budget)[0, 0])
 
     def applies_to(self, ctx: LayerContext) -> bool:
         return ctx.phase == "prefill" or (self.every_chunk and ctx.phase == "extend")
 
+    def held_budget(self, ctx: LayerContext, key: str) -> torch.Tensor:
+        """``[batch, kv_heads]`` tokens each head holds from the first forward on, for policies that evict while
+        decoding: ``budget``, or ``compression_ratio`` of the prompt's real tokens; kept in ``ctx.state[key]``."""
+        n_real = ctx.real_tokens
+        held = ctx.state.get(key)
+        if held is None or held.shape != n_real.shape:
+            if self.budget is not None:
+                held = torch.full_like(n_real, self.budget)
+            else:
+                held = keep_count(n_real, self.compression_ratio, None)
+            ctx.state[key] = held
+        return held
+
+    def keep_from_scores(
+        self, scores: torch.Tensor, valid: torch.Tensor, layer_idx: int, num_layers: int
+    ) -> torch.Tensor | None:
+        """Keep mask ``[batch, kv_heads, seq]`` from ``scores`` and the ``valid`` (real-token) slots, or ``None``
+        when nothing is evicted. Separate from :meth:`score` so one prefill's scores can serve many ratios."""
+        n_real = valid.sum(-1)
+        n_keep = keep_count(n_real, self.compression_ratio, self.budget)
+        if bool((n_keep == n_real).all()):
+            return None  # nothing real to evict (padding, if any, stays: ratio 0 changes nothing)
+        return keep_topk(scores.float().masked_fill(~valid, float("-inf")), n_keep) & valid
+
     def select(self, ctx: LayerContext) -> torch.Tensor | None:
         if not self.applies_to(ctx):
             return None
-        n_keep = self.n_keep(ctx.num_cached)
-        if n_keep >= ctx.num_cached:
-            return None
-        scores = self.score(ctx).float().masked_fill(~ctx.key_valid, float("-inf"))
-        return keep_topk(scores, n_keep)
+        return self.keep_from_scores(self.score(ctx), ctx.key_valid, ctx.layer_idx, ctx.num_layers)
 
     def params(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

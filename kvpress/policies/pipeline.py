@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from kvpress.context import LayerContext
+from kvpress.context import ForwardContext, LayerContext
 from kvpress.policies.base import Policy
 
 
@@ -41,10 +41,20 @@ class Pipeline(Policy):
                 self.storage = stage
             else:
                 raise ValueError(f"pipeline stages must be kvpress policies or storage specs, got {stage!r}")
+        ragged = [p for p in self.policies if getattr(p, "needs_ragged", False)]
+        if ragged and self.storage is not None and not getattr(self.storage, "ragged", False):
+            raise ValueError(
+                f"{type(ragged[0]).__name__} gives heads different lengths and saves memory only in ragged storage; "
+                f"{type(self.storage).__name__} pads every head to the longest, so it cannot hold it ragged"
+            )
 
     @property
     def reposition(self) -> bool:  # type: ignore[override]
         return any(p.reposition for p in self.policies)
+
+    @property
+    def wants_attention_mass(self) -> bool:
+        return any(getattr(p, "wants_attention_mass", False) for p in self.policies)
 
     @property
     def stages(self) -> list[Any]:
@@ -57,6 +67,10 @@ class Pipeline(Policy):
             if mask is not None:
                 keep = mask if keep is None else keep & mask
         return keep
+
+    def after_forward(self, fwd: ForwardContext) -> None:
+        for policy in self.policies:
+            policy.after_forward(fwd)
 
     def params(self) -> dict[str, Any]:
         return {"stages": [repr(s) for s in self.stages]}

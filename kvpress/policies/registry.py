@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from kvpress.policies.base import Policy
+from kvpress.policies.adakv import AdaKV
+from kvpress.policies.base import Policy, ScorePolicy
+from kvpress.policies.decoding_budget import DecodingBudget
+from kvpress.policies.h2o import H2O
+from kvpress.policies.knorm import KeyNorm
+from kvpress.policies.kvzip import KVzip
+from kvpress.policies.pyramidkv import PyramidKV
 from kvpress.policies.snapkv import SnapKV
 from kvpress.policies.streaming_llm import StreamingLLM
+from kvpress.policies.tova import TOVA
+
 
 def _kvquant(**params: Any) -> Any:
     from kvpress.quant import KVQuant  # imported lazily: quantization is a storage spec, not an eviction policy
@@ -14,13 +22,43 @@ def _kvquant(**params: Any) -> Any:
     return KVQuant(**params)
 
 
+def _scorer(scorer: str | ScorePolicy, params: dict[str, Any] | None) -> ScorePolicy:
+    policy = get_policy(scorer, **(params or {})) if isinstance(scorer, str) else scorer
+    if not isinstance(policy, ScorePolicy):
+        raise ValueError(f"scorer must name a scoring policy (e.g. snapkv, knorm, h2o), got {scorer!r}")
+    return policy
+
+
+def _adakv(scorer: str | ScorePolicy = "snapkv", scorer_params: dict[str, Any] | None = None,
+           compression_ratio: float | None = None, budget: int | None = None, floor: float = 0.2) -> AdaKV:
+    return AdaKV(_scorer(scorer, scorer_params), compression_ratio=compression_ratio, budget=budget, floor=floor)
+
+
+def _pyramidkv(scorer: str | ScorePolicy = "snapkv", scorer_params: dict[str, Any] | None = None,
+               compression_ratio: float | None = None, budget: int | None = None, beta: int = 20) -> PyramidKV:
+    return PyramidKV(_scorer(scorer, scorer_params), compression_ratio=compression_ratio, budget=budget, beta=beta)
+
+
+def _decoding_budget(budget: int, policy: str | ScorePolicy = "snapkv", policy_params: dict[str, Any] | None = None,
+                     interval: int = 1, window: int = 16) -> DecodingBudget:
+    return DecodingBudget(_scorer(policy, policy_params), budget=budget, interval=interval, window=window)
+
+
 _REGISTRY: dict[str, Callable[..., Any]] = {
     "none": lambda: None,
     "streaming_llm": StreamingLLM,
     "snapkv": SnapKV,
+    "h2o": H2O,
+    "tova": TOVA,
+    "knorm": KeyNorm,
+    "kvzip": KVzip,
+    "adakv": _adakv,
+    "pyramidkv": _pyramidkv,
+    "decoding_budget": _decoding_budget,
     "kvquant": _kvquant,
 }
-_ALIASES = {"full": "none", "streamingllm": "streaming_llm", "sinks": "streaming_llm"}
+_ALIASES = {"full": "none", "streamingllm": "streaming_llm", "sinks": "streaming_llm", "key_norm": "knorm",
+            "keynorm": "knorm", "heavy_hitters": "h2o", "ada_kv": "adakv", "pyramid_kv": "pyramidkv"}
 
 
 def register_policy(name: str, factory: Callable[..., Policy | None]) -> None:
@@ -32,12 +70,22 @@ def available_policies() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_policy(name: str, **params: Any) -> Any:
-    """Build a policy by name (``"none"`` gives ``None``: the uncompressed cache; ``"kvquant"`` a quantizer)."""
+def policy_factory(name: str) -> Callable[..., Any]:
+    """The factory registered under ``name`` (aliases and ``-``/case accepted); raises for unknown names."""
     key = _ALIASES.get(name.lower().replace("-", "_"), name.lower().replace("-", "_"))
     if key not in _REGISTRY:
         raise ValueError(f"unknown policy {name!r}; available policies: {', '.join(available_policies())}")
+    return _REGISTRY[key]
+
+
+def get_policy(name: str, **params: Any) -> Any:
+    """Build a policy by name (``"none"`` gives ``None``: the uncompressed cache; ``"kvquant"`` a quantizer).
+
+    Wrappers take their inner policy by name: ``get_policy("adakv", scorer="snapkv", compression_ratio=0.5)``,
+    ``get_policy("decoding_budget", policy="h2o", budget=256)``.
+    """
+    factory = policy_factory(name)
     try:
-        return _REGISTRY[key](**params)
+        return factory(**params)
     except TypeError as err:
         raise ValueError(f"bad parameters for policy {name!r}: {err}") from err

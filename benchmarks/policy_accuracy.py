@@ -1,0 +1,167 @@
+"""Accuracy of every eviction policy on SmolLM2: four synthetic tasks, ratios 0 .. 0.9, query-agnostic and
+query-aware, with bytes held and the policy's prefill time as a ratio to the uncompressed prefill.
+
+    python benchmarks/policy_accuracy.py --out benchmarks/results/policy_accuracy.json        # full (hours)
+    python benchmarks/policy_accuracy.py --quick --out /tmp/policy_accuracy_quick.json        # <= 15 min
+
+Query-agnostic: the context is compressed before the question is seen (the hard, reusable-cache setting).
+Query-aware: context and question are compressed together. Every configuration of a task shares the same
+samples; configurations of one scoring policy share one prefill per sample (fan-out, equal to direct runs).
+Scores are case-insensitive substring matches x100 (``kvpress/eval/README.md``); "% of full" is the policy's
+mean score over the tasks divided by the uncompressed mean over the same tasks. The 95% interval is the
+normal-approximation half-width of the mean over every (task, sample) score of that row. Policy time is the
+median paired ratio of a prefill under the policy to an uncompressed prefill (``policy_overhead.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import kvpress  # noqa: E402
+from kvpress.eval import PolicySpec, evaluate, get_task  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from policy_overhead import POLICIES as OVERHEAD_POLICIES  # noqa: E402
+from policy_overhead import paired_ratio  # noqa: E402
+
+TASKS = ["niah_single_prose", "niah_single_noise", "niah_multikey_prose", "vt"]
+RATIOS = [0.25, 0.5, 0.75, 0.9]
+# label -> (registry name, fixed parameters); each runs at every ratio
+POLICIES: dict[str, tuple[str, dict]] = {
+    "streaming_llm": ("streaming_llm", {}),
+    "knorm": ("knorm", {}),
+    "snapkv": ("snapkv", {}),
+    "tova": ("tova", {}),
+    "h2o": ("h2o", {}),
+    "pyramidkv(snapkv)": ("pyramidkv", {"scorer": "snapkv"}),
+    "adakv(snapkv)": ("adakv", {"scorer": "snapkv"}),
+    "kvzip": ("kvzip", {}),
+}
+QUICK = dict(ratios=[0.5, 0.75], samples=3, modes=["query-agnostic"], overhead_reps=2)
+FULL = dict(ratios=RATIOS, samples=10, modes=["query-agnostic", "query-aware"], overhead_reps=3)
+
+
+def specs_for(labels: list[str], ratios: list[float]) -> list[PolicySpec]:
+    specs = [PolicySpec("none")]
+    for label in labels:
+        name, params = POLICIES[label]
+        specs += [PolicySpec(name, tuple(sorted(params.items())), r) for r in ratios]
+    return specs
+
+
+def _ci95(scores: list[float]) -> float:
+    n = len(scores)
+    if n < 2:
+        return float("nan")
+    mean = sum(scores) / n
+    var = sum((s - mean) ** 2 for s in scores) / (n - 1)
+    return 1.96 * math.sqrt(var / n) * 100
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="ratios .5/.75, 3 samples, query-agnostic only (<= 15 min)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--length", type=int, default=1536, help="prompt tokens (the model is reliable at 1-2k)")
+    p.add_argument("--tasks", nargs="*", default=TASKS)
+    p.add_argument("--policies", nargs="*", default=list(POLICIES), choices=list(POLICIES))
+    p.add_argument("--samples", type=int, default=None)
+    p.add_argument("--ratios", type=float, nargs="*", default=None)
+    p.add_argument("--modes", nargs="*", default=None, choices=["query-agnostic", "query-aware"])
+    p.add_argument("--no-overhead", action="store_true", help="skip the paired prefill-time measurement")
+    p.add_argument("--out", type=Path, default=None, help="JSON with one record per (policy, ratio, task, mode)")
+    args = p.parse_args(argv)
+    cfg = dict(QUICK if args.quick else FULL)
+    for key in ("samples", "ratios", "modes"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+
+    started = time.perf_counter()
+    model, tokenizer = kvpress.load_model(args.model)
+    specs = specs_for(args.policies, cfg["ratios"])
+    records: list[dict] = []
+    for mode in cfg["modes"]:
+        for task_name in args.tasks:
+            task = get_task(task_name)
+            result = evaluate(model, tokenizer, task, specs, [args.length], cfg["samples"], mode=mode,
+                              model_name=args.model, progress=True)
+            by_label: dict[str, list[dict]] = {}
+            for r in result.records:
+                by_label.setdefault(r["label"], []).append(r)
+            full = by_label["none"]
+            full_score = 100 * sum(r["score"] for r in full) / len(full)
+            full_bytes = sum(r["kv_bytes"] for r in full) / len(full)
+            for spec in specs:
+                rows = by_label[spec.label]
+                records.append({
+                    "policy": "none" if spec.is_baseline else next(k for k, v in POLICIES.items()
+                                                                   if v[0] == spec.name and tuple(sorted(v[1].items())) == spec.params),
+                    "compression_ratio": 0.0 if spec.is_baseline else spec.compression_ratio,
+                    "task": task_name,
+                    "mode": mode,
+                    "query_aware": mode == "query-aware",
+                    "length": args.length,
+                    "n_samples": len(rows),
+                    "score": 100 * sum(r["score"] for r in rows) / len(rows),
+                    "sample_scores": [r["score"] for r in rows],
+                    "full_score": full_score,
+                    "kv_bytes": sum(r["kv_bytes"] for r in rows) / len(rows),
+                    "full_kv_bytes": full_bytes,
+                    "empty_answers": sum(r["empty"] for r in rows),
+                })
+            print(f"[{time.perf_counter() - started:.0f}s] {mode} {task_name}: uncompressed {full_score:.0f}", flush=True)
+
+    overhead: dict[str, float] = {}
+    if not args.no_overhead:
+        prompt = get_task("niah_single_prose").make_sample(tokenizer, args.length, index=0).prefix_ids
+        for label in args.policies:
+            overhead[label] = paired_ratio(model, prompt, OVERHEAD_POLICIES[label], cfg["overhead_reps"])
+            print(f"{label}: prefill time x{overhead[label]:.2f}", flush=True)
+    for r in records:
+        r["policy_time_ratio"] = overhead.get(r["policy"])
+
+    table = summarize(records, cfg["modes"], args.tasks)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"model": args.model, "length": args.length, "tasks": args.tasks, **cfg,
+                "seconds": round(time.perf_counter() - started, 1), "kvpress": kvpress.__version__}
+        args.out.write_text(json.dumps({"meta": meta, "records": records, "table": table}, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def summarize(records: list[dict], modes: list[str], tasks: list[str]) -> str:
+    """One Markdown table per mode: rows (policy, ratio), a column per task, mean, % of full, CI, bytes, time."""
+    out = []
+    for mode in modes:
+        rows = [r for r in records if r["mode"] == mode]
+        keys = list(dict.fromkeys((r["policy"], r["compression_ratio"]) for r in rows))
+        full_mean = sum(r["full_score"] for r in rows if r["policy"] == "none") / len(tasks)
+        out.append(f"\n### {mode}\n")
+        out.append("| policy | ratio | " + " | ".join(tasks) + " | mean | % of full | ±95% | KV bytes vs full | time / prefill |")
+        out.append("|---|---:|" + "---:|" * (len(tasks) + 5))
+        for policy, ratio in keys:
+            cells = {r["task"]: r for r in rows if (r["policy"], r["compression_ratio"]) == (policy, ratio)}
+            scores = [cells[t]["score"] for t in tasks]
+            mean = sum(scores) / len(scores)
+            samples = [s for t in tasks for s in cells[t]["sample_scores"]]
+            kv = sum(cells[t]["kv_bytes"] for t in tasks) / sum(cells[t]["full_kv_bytes"] for t in tasks)
+            time_ratio = cells[tasks[0]].get("policy_time_ratio")
+            out.append(
+                f"| {policy} | {ratio:g} | " + " | ".join(f"{s:.0f}" for s in scores)
+                + f" | {mean:.1f} | {100 * mean / full_mean if full_mean else float('nan'):.0f}% | {_ci95(samples):.0f}"
+                + f" | {kv:.2f} | {'' if time_ratio is None else f'{time_ratio:.2f}x'} |"
+            )
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
