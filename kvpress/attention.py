@@ -4,6 +4,11 @@ transformers builds its attention mask over absolute positions ``0..seen+q_len-1
 size). A compressed layer holds only some of those positions, so the mask columns of the slots it holds are
 gathered; ragged padding slots are masked out. When nothing was evicted, attention is left to the model's
 own implementation with the original arguments, which keeps the uncompressed path bit-identical.
+
+Decode steps (at most :data:`DECODE_MAX_QUERIES` query tokens) over a quantized or ragged layer read the held
+form directly (:class:`~kvpress.storage.LazyAttentionView` ``decode``: fused Triton kernels on CUDA, chunked
+torch paths on CPU, see :mod:`kvpress.kernels`); longer forwards (prefill, extend) build the view's tensors and
+use SDPA.
 """
 
 from __future__ import annotations
@@ -11,7 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvpress.storage import AttentionView
+from kvpress.storage import AttentionView, LazyAttentionView
+
+# Query tokens per forward up to which a lazy (quantized / ragged) view is attended through its decode path.
+DECODE_MAX_QUERIES = 16
 
 
 def allowed_slots(
@@ -35,8 +43,8 @@ def allowed_slots(
         ``[batch, kv_heads, n, seq]`` bool, or ``None`` when every query may attend to every slot.
     """
     n = q_len if last_n is None else min(last_n, q_len)
-    batch, heads, seq = view.keys.shape[:3]
-    device = view.keys.device
+    batch, heads, seq = view.shape[:3]
+    device = view.device
     if attention_mask is None:
         if n == 1 and view.valid is None and q_len >= 1 and _all_in_past(view, q_start + q_len - 1, seq):
             return None
@@ -78,6 +86,11 @@ def attend(
         ``[batch, q_len, q_heads, head_dim]``, the layout transformers' attention functions return.
     """
     batch, q_heads, q_len, _ = query.shape
+    if allowed is not None:
+        # A query with no allowed slot (a padding query) attends to everything instead of producing NaN.
+        allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+    if isinstance(view, LazyAttentionView) and not view.is_materialised and q_len <= DECODE_MAX_QUERIES:
+        return view.decode(query, allowed, scaling)
     kv_heads = view.keys.shape[1]
     groups = q_heads // kv_heads
     if view.key_rotation is not None:
@@ -86,8 +99,6 @@ def attend(
     q = query.reshape(batch, kv_heads, groups * q_len, query.shape[-1])
     mask = None
     if allowed is not None:
-        # A query with no allowed slot (a padding query) attends to everything instead of producing NaN.
-        allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
         mask = allowed.unsqueeze(2).expand(batch, kv_heads, groups, q_len, allowed.shape[-1])
         mask = mask.reshape(batch, kv_heads, groups * q_len, allowed.shape[-1])
     keys, values = view.keys.to(query.dtype), view.values.to(query.dtype)

@@ -12,7 +12,7 @@ from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLay
 
 from kvpress.compat import cache_layer_specs
 
-from kvpress.storage import AttentionView, DenseStorage, KVStorage
+from kvpress.storage import AttentionView, DenseStorage, KVStorage, LazyAttentionView
 
 StorageFactory = Callable[[int], KVStorage]
 
@@ -50,12 +50,20 @@ class CompressedLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append ``[batch, kv_heads, new, head_dim]`` K/V and return what attention reads."""
+        """Append ``[batch, kv_heads, new, head_dim]`` K/V and return what attention reads.
+
+        A lazy view (quantized / ragged storage) is not built here: kvpress's attention reads ``last_view``, so
+        the model is handed zero-stride stand-ins of the right shape and dtype (no memory) instead of tensors
+        that would force a full dequantization or padding every step.
+        """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.storage.append(key_states, value_states, self.seen_tokens)
         self.seen_tokens += key_states.shape[-2]
         self.last_view = self.storage.view()
+        if isinstance(self.last_view, LazyAttentionView) and not self.last_view.is_materialised:
+            stand_in = key_states.new_zeros(()).expand(self.last_view.shape)
+            return stand_in, stand_in
         return self.last_view.keys, self.last_view.values
 
     def get_seq_length(self) -> int:

@@ -35,6 +35,7 @@ from kvpress.context import ForwardContext, LayerContext
 from kvpress.policies.base import Policy
 from kvpress.policies.pipeline import Pipeline, is_storage_spec
 from kvpress.reposition import reposition, rope_inv_freqs
+from kvpress.storage import LazyAttentionView
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 # Model types tested in the suite. Others that follow transformers' AttentionInterface design usually work:
@@ -326,6 +327,7 @@ def kvpress_attention(
     view = layer.last_view
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    # A lazy (quantized / ragged) view always goes through kvpress's attention: `key`/`value` are stand-ins.
     untouched = view.positions is None and view.valid is None and view.key_rotation is None
     if session.mass_reduce is not None:  # the policy reads attention mass: compute it with the attention output
         if layer_idx in session.inv_freq:
@@ -338,7 +340,7 @@ def kvpress_attention(
         out, layer.last_mass = attention_with_mass(query, view, rows, scaling, causal_from,
                                                    reduce=session.mass_reduce)
         weights = None
-    elif untouched and view.value_rotation is None:
+    elif untouched and view.value_rotation is None and not isinstance(view, LazyAttentionView):
         out, weights = base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     else:
         if layer_idx in session.inv_freq:

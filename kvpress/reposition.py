@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kvpress.storage import AttentionView
+from kvpress.storage import AttentionView, LazyAttentionView
 
 # Rope types whose inverse frequencies are fixed, so rotations compose exactly.
 REPOSITION_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -86,14 +86,15 @@ def reposition(view: AttentionView, seen_tokens: int, inv_freq: torch.Tensor) ->
 
     Returns:
         a view whose keys ``[batch, kv_heads, seq, head_dim]`` are rotated where needed (a copy; the stored
-        tensors are never modified). ``positions`` keeps the original positions, which masks still use.
+        tensors are never modified). ``positions`` keeps the original positions, which masks still use. A lazy
+        quantized view whose moved keys are all held exactly (sinks, window) stays lazy: only those keys are
+        rotated and decode keeps reading the packed body; otherwise the view's keys are built and rotated.
     """
     if view.positions is None:
         return view
-    keys = view.keys
-    batch, kv_heads, seq = keys.shape[:3]
+    batch, kv_heads, seq = view.shape[:3]
     if view.valid is None:
-        rank = torch.arange(seq, device=keys.device)
+        rank = torch.arange(seq, device=view.device)
         newest = seq - seen_tokens  # held - seen, the same for every head
         shift = rank - view.positions - newest  # [batch, kv_heads, seq]
         moved = shift != 0
@@ -106,6 +107,14 @@ def reposition(view: AttentionView, seen_tokens: int, inv_freq: torch.Tensor) ->
     if where[0].numel() == 0:
         return view
     shift = shift[where]  # [n_moved]
+    if isinstance(view, LazyAttentionView) and not view.is_materialised and view.rotate_exact_keys is not None:
+        # A quantized layer whose moved keys are all held exactly (StreamingLLM's sinks): rotate just those, the
+        # body stays packed and decode still reads it in place.
+        freq = inv_freq.to(view.device)
+        moved_view = view.rotate_exact_keys(where, lambda x: rotate(x, shift, freq))
+        if moved_view is not None:
+            return moved_view
+    keys = view.keys
     picked = keys[where]  # [n_moved, head_dim]
     if view.key_rotation is not None:  # held as K @ R: rotate in RoPE space, then back into the held basis
         rotation = view.key_rotation.to(keys.dtype)

@@ -6,6 +6,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The Triton kernels' tests (tests/test_kernels_*.py) run on CPU tensors through Triton's interpreter, GPU or not
+# (benchmarks/decode_attention.py checks the compiled kernels on a GPU). Triton reads the variable when it decorates
+# its own functions, at its first import, which torch._dynamo does when kvpress (via transformers) is imported: so
+# it is set here, before any test module imports kvpress.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 # pytest runs with -n 2 (one worker per core): one intra-op thread per worker avoids oversubscription,
 # which made tiny-model tests up to ~10x slower on a loaded 2-core machine.
 torch.set_num_threads(1)

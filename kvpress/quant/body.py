@@ -16,6 +16,11 @@ Layout (every tensor has leading ``[batch, kv_heads]``; ``N`` body tokens per he
 Everything is in the rotated basis when the storage rotates. A body token is reconstructed as
 ``zero + code * scale`` (+ ``left . right^T`` of its block, then its outliers written back).
 
+Decode attention reads this layout in place (:mod:`kvpress.kernels`: the fused Triton kernel and its chunked
+torch twin get these tensors, unchanged, in a :class:`kvpress.kernels.PackedBody`); change it only together with
+``kvpress/kernels/quant_decode_triton.py`` and ``quant_decode_torch.py``. Strides are read, so a factor held
+column-major (as QR returns it) needs no copy; codes, scales and zeros must be contiguous along their last axis.
+
 Eviction never re-quantizes: :meth:`QuantizedBody.take` gathers the per-token tensors of the surviving tokens and
 keeps every surviving key group's scale and zero, which stay valid for any subset of the group; ``group_len``
 then records how many tokens each group still holds in each head, groups emptied in every head are dropped.

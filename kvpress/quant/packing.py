@@ -2,6 +2,10 @@
 
 Layout (read by the fused kernels; keep it stable)
 ---------------------------------------------------
+Read in place by ``kvpress/kernels/quant_decode_triton.py`` (``_unpack``), ``kvpress/kernels/unpack.py`` (the
+chunked torch path) and written by ``kvpress/kernels/quant_pack_triton.py``; tests check both against
+:func:`pack` / :func:`unpack`.
+
 Codes are packed along the **last axis** of the code tensor. Each row of ``n`` codes becomes
 ``packed_words(n, bits) = ceil(n * bits / 32)`` words of dtype ``torch.int32``; a word is to be read as an
 *unsigned* 32-bit integer (``int32`` is used only because torch has no general ``uint32`` arithmetic; a kernel

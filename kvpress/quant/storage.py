@@ -30,31 +30,67 @@ nothing beyond the stored form outlives the step. Later views show what is store
 Eviction (:meth:`QuantizedStorage.select`, for ``policy | KVQuant`` pipelines) gathers codes and keeps key-group
 scales; heads may keep different numbers of tokens (padded slots, marked invalid in the view).
 
-Limits: :meth:`view` dequantizes the whole layer with torch ops (the reference path; a fused kernel can read the
-packed layout of :mod:`kvpress.quant.body` directly); keys are rotated after RoPE with one matrix per layer shared
-by all heads (no pre-RoPE grouped-head rotation); ``crop`` (assisted decoding) is not supported.
+Attention reads the held form: :meth:`view` returns a :class:`~kvpress.storage.LazyAttentionView`. Decode steps
+attend through its ``decode`` (:meth:`QuantizedStorage._decode`): the exact segments (sinks, window, this step's
+tokens, unrotated) in float32 and the packed body through :func:`kvpress.kernels.quantized_decode` (fused
+Triton kernel on CUDA, chunked torch path on CPU: the body is never dequantized whole), merged by log-sum-exp.
+The dequantized ``keys``/``values`` tensors of the view are built only if something reads them (a policy, a
+re-positioning layer, a prefill or extend forward). On CUDA the window is flushed by the fused quantize-and-pack
+kernel when the body has no GEAR terms (bit-exact with :func:`kvpress.quant.quantizer.quantize`).
+
+Limits: keys are rotated after RoPE with one matrix per layer shared by all heads (no pre-RoPE grouped-head
+rotation); ``crop`` (assisted decoding) is not supported.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from kvpress import kernels
+from kvpress.kernels.dispatch import pack_backend, quantize_pack
 from kvpress.quant.body import BodyConfig, QuantizedBody
-from kvpress.storage.base import AttentionView, KVStorage
+from kvpress.storage.base import AttentionView, KVStorage, LazyAttentionView
 
 if TYPE_CHECKING:
     from kvpress.quant.config import KVQuant
 
 POSITION_DTYPE = torch.int32
+# Re-positioning's keys to replace: slots ``where`` (a (batch, head, slot) index tuple) get ``fn(keys)``, keys in the
+# unrotated basis (float32).
+MovedKeys = tuple[tuple[torch.Tensor, ...], Callable[[torch.Tensor], torch.Tensor]]
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
     """``a`` then ``b`` along the token axis, always a new tensor (a slice of the caller's K/V would keep the
     whole of it alive)."""
     return b.clone(memory_format=torch.contiguous_format) if a is None else torch.cat([a, b], dim=2)
+
+
+def packed_body(
+    body: QuantizedBody, n_tokens: int | None = None, group_ids: torch.Tensor | None = None
+) -> kernels.PackedBody:
+    """``body``'s tensors as the kernels read them (:class:`kvpress.kernels.PackedBody`; no copies).
+
+    Args:
+        n_tokens: attend the first ``n_tokens`` body tokens (default all).
+        group_ids: ``[B, H, N]`` int32 key group of each token when groups were thinned by eviction (computed
+            when ``None`` and needed).
+    """
+    if body.group_len is not None and group_ids is None:
+        group_ids = body.group_ids().to(torch.int32).contiguous()
+    cfg = body.cfg
+    return kernels.PackedBody(
+        k_codes=body.k_codes, k_scale=body.k_scale, k_zero=body.k_zero,
+        v_codes=body.v_codes, v_scale=body.v_scale, v_zero=body.v_zero,
+        key_bits=cfg.key_bits, value_bits=cfg.value_bits, group_size=cfg.group_size, value_group=cfg.value_group,
+        n_tokens=body.n_tokens if n_tokens is None else n_tokens,
+        group_ids=group_ids if body.group_len is not None else None, group_block=body.group_block,
+        k_left=body.k_left, v_left=body.v_left, k_right=body.k_right, v_right=body.v_right,
+        k_out_val=body.k_out_val, k_out_idx=body.k_out_idx, v_out_val=body.v_out_val, v_out_idx=body.v_out_idx,
+    )  # fmt: skip
 
 
 class QuantizedStorage(KVStorage):
@@ -77,6 +113,8 @@ class QuantizedStorage(KVStorage):
         self.positions: torch.Tensor | None = None  # [B, H, N] int32; None: slots are positions 0..N-1
         self.valid: torch.Tensor | None = None  # [B, H, N] bool; None: every slot is a real token
         self.fresh: tuple[torch.Tensor, torch.Tensor] | None = None  # exact tokens of the last append
+        self.kernels: str | None = None  # kernel backend for this layer ("auto"/"torch"/"triton"; None: global)
+        self._group_ids: tuple[QuantizedBody, torch.Tensor] | None = None  # body -> its token groups (int32)
 
     # -- sizes -----------------------------------------------------------------------------------------------
     @property
@@ -131,22 +169,126 @@ class QuantizedStorage(KVStorage):
         self.fresh = (keys.to(self.dtype), values.to(self.dtype)) if self.spec.exact_new_tokens else None
 
     def view(self) -> AttentionView:
-        keys, values = self._rotated32()
-        if self.fresh is not None:
-            fk, fv = self.fresh
-            n = fk.shape[2]
-            if n:
-                keys[:, :, -n:] = self._rotate(fk, self.key_rotation)
-                values[:, :, -n:] = self._rotate(fv, self.value_rotation)
-            self.fresh = None
-        return AttentionView(
-            keys=keys.to(self.dtype),
-            values=values.to(self.dtype),
+        """The layer as attention reads it: a lazy view (see the module docstring); consumes the exact copy of
+        the last append."""
+        fresh, self.fresh = self.fresh, None
+        return copy.copy(self)._lazy_view(fresh)  # a snapshot: appends and selects replace tensors, never write
+
+    def _lazy_view(
+        self, fresh: tuple[torch.Tensor, torch.Tensor] | None, moved: MovedKeys | None = None
+    ) -> AttentionView:
+        """The lazy view of this snapshot; ``moved = (where, fn)``: keys at slots ``where`` replaced by ``fn(keys)``
+        (unrotated basis), see :meth:`_rotate_exact_keys`."""
+        b, h = self._shape()
+        return LazyAttentionView(
+            shape=(b, h, self.n_slots, self.cfg.head_dim),
+            device=self.sink_k.device,
+            materialise=lambda: self._materialise(fresh, moved),
+            decode=lambda query, allowed, scaling: self._decode(fresh, query, allowed, scaling, moved),
             positions=None if self.positions is None else self.positions.long(),
             valid=self.valid,
             key_rotation=self.key_rotation,
             value_rotation=self.value_rotation,
+            rotate_exact_keys=None if moved is not None else (
+                lambda where, fn: self._rotate_exact_keys(fresh, where, fn)
+            ),
         )
+
+    def _rotate_exact_keys(self, fresh, where, fn) -> AttentionView | None:
+        """A lazy view with the keys of slots ``where`` replaced by ``fn(keys)``, or ``None`` when one of those
+        slots is a quantized body token (re-positioning then builds the whole view)."""
+        slot = where[2]
+        s, nq = self.n_sink_slots, self.n_body_slots
+        cut = self.n_slots - (0 if fresh is None else fresh[0].shape[2])
+        if bool(((slot >= s) & (slot < s + nq) & (slot < cut)).any()):
+            return None
+        return self._lazy_view(fresh, (where, fn))
+
+    def _materialise(
+        self, fresh: tuple[torch.Tensor, torch.Tensor] | None, moved: MovedKeys | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every slot's key and value ``[B, H, N, D]`` in the compute dtype, rotated basis (body dequantized
+        unless this append's exact tokens cover every slot, as after a prefill); ``moved`` keys replaced."""
+        n = 0 if fresh is None else fresh[0].shape[2]
+        if n and n == self.n_slots:
+            keys, values = self._rotate(fresh[0], self.key_rotation), self._rotate(fresh[1], self.value_rotation)
+        else:
+            keys, values = self._rotated32()
+            if n:
+                keys[:, :, -n:] = self._rotate(fresh[0], self.key_rotation)
+                values[:, :, -n:] = self._rotate(fresh[1], self.value_rotation)
+        if moved is not None:
+            where, fn = moved
+            picked = self._rotate(fn(self._unrotate(keys[where], self.key_rotation)), self.key_rotation)
+            keys = keys.index_put(where, picked)
+        return keys.to(self.dtype), values.to(self.dtype)
+
+    def _decode(
+        self,
+        fresh: tuple[torch.Tensor, torch.Tensor] | None,
+        query: torch.Tensor,
+        allowed: torch.Tensor | None,
+        scaling: float,
+        moved: MovedKeys | None = None,
+    ) -> torch.Tensor:
+        """Decode attention read from the held form.
+
+        Args:
+            fresh: this step's exact tokens (they replace the last slots), or ``None``.
+            moved: ``(where, fn)``: keys of exact slots ``where`` replaced by ``fn(keys)`` (re-positioning).
+            query: ``[B, q_heads, L, D]`` post-RoPE queries (unrotated).
+            allowed: ``[B, H, L, N]`` bool over the slots (every row with at least one True) or ``None``.
+            scaling: softmax scale.
+
+        Returns:
+            ``[B, L, q_heads, D]`` in the query's dtype.
+        """
+        b, q_heads, q_len, d = query.shape
+        h = self._shape()[1]
+        groups = q_heads // h
+        q = (query.float() * scaling).reshape(b, h, groups * q_len, d)
+        s, nq, n = self.n_sink_slots, self.n_body_slots, self.n_slots
+        n_fresh = 0 if fresh is None else fresh[0].shape[2]
+        cut = n - n_fresh  # slots from `cut` on are shown exactly from `fresh`
+        n_sink, n_body, n_res = min(s, cut), min(nq, max(0, cut - s)), max(0, cut - s - nq)
+        ex_k = [self.sink_k[:, :, :n_sink], self.res_k[:, :, :n_res]]
+        ex_v = [self.sink_v[:, :, :n_sink], self.res_v[:, :, :n_res]]
+        if n_fresh:
+            ex_k.append(fresh[0])
+            ex_v.append(fresh[1])
+        mask = None
+        if allowed is not None:
+            device = allowed.device
+            cols = torch.cat([torch.arange(n_sink, device=device), torch.arange(s + nq, s + nq + n_res, device=device),
+                              torch.arange(cut, n, device=device)])  # fmt: skip
+            mask = allowed.index_select(-1, cols)
+        exact_keys = torch.cat(ex_k, dim=2)
+        if moved is not None:
+            (bi, hi, slot), fn = moved
+            # slot -> index among the exact keys (sinks, then window, then this step's tokens)
+            in_window = torch.where(slot < s, slot, slot - s - nq + n_sink)
+            index = torch.where(slot >= cut, slot - cut + n_sink + n_res, in_window)
+            exact_keys = exact_keys.float().index_put((bi, hi, index), fn(exact_keys[bi, hi, index].float()))
+        parts = [kernels.dense_partial(q, exact_keys, torch.cat(ex_v, dim=2), mask)]
+        if n_body:
+            q_body = q if self.key_rotation is None else q @ self.key_rotation.float()
+            body_mask = None if allowed is None else allowed[..., s : s + n_body]
+            part = kernels.quantized_decode(
+                q_body, self._packed(n_body), body_mask, backend=self.kernels, dtype=self.dtype
+            )
+            out = part.out if self.value_rotation is None else part.out @ self.value_rotation.float().T
+            parts.append(kernels.AttentionPartial(out, part.lse))
+        out = kernels.merge(parts).out.view(b, h, groups, q_len, d)
+        return out.reshape(b, q_heads, q_len, d).transpose(1, 2).to(query.dtype)
+
+    def _packed(self, n_tokens: int) -> kernels.PackedBody:
+        """The body for the kernels, attending its first ``n_tokens`` tokens (token groups cached per body)."""
+        gid = None
+        if self.body.group_len is not None:
+            if self._group_ids is None or self._group_ids[0] is not self.body:
+                self._group_ids = (self.body, self.body.group_ids().to(torch.int32).contiguous())
+            gid = self._group_ids[1]
+        return packed_body(self.body, n_tokens, gid)
 
     def select(self, keep: torch.Tensor) -> KVStorage:
         """Keep the slots where ``keep`` is True, without re-quantizing anything.
@@ -274,14 +416,27 @@ class QuantizedStorage(KVStorage):
         if excess < block:
             return
         m = excess // block * block
-        chunk = QuantizedBody.quantize(
-            self.cfg,
-            self._rotate(self.res_k[:, :, :m], self.key_rotation),
-            self._rotate(self.res_v[:, :, :m], self.value_rotation),
-            block=block,
-        )
+        keys = self._rotate(self.res_k[:, :, :m], self.key_rotation)
+        values = self._rotate(self.res_v[:, :, :m], self.value_rotation)
+        chunk = self._quantize_plain(keys, values) or QuantizedBody.quantize(self.cfg, keys, values, block=block)
         self.body = chunk if self.body is None else self.body.cat(chunk)
         self.res_k, self.res_v = self.res_k[:, :, m:].clone(), self.res_v[:, :, m:].clone()
+
+    def _quantize_plain(self, keys: torch.Tensor, values: torch.Tensor) -> QuantizedBody | None:
+        """Quantize a flush with the fused quantize-and-pack kernel when the dispatch picks Triton for it (no GEAR
+        terms); ``None``: use :meth:`QuantizedBody.quantize`. Bit-exact with it either way."""
+        cfg = self.cfg
+        if cfg.rank or cfg.outlier_fraction:
+            return None
+        picks = [
+            pack_backend(keys, cfg.key_bits, cfg.group_size, "channel", cfg.scale_dtype, backend=self.kernels),
+            pack_backend(values, cfg.value_bits, cfg.value_group, "token", cfg.scale_dtype, backend=self.kernels),
+        ]
+        if picks != ["triton", "triton"]:
+            return None
+        k_codes, k_scale, k_zero = quantize_pack(keys, cfg.key_bits, cfg.group_size, "channel", cfg.scale_dtype)
+        v_codes, v_scale, v_zero = quantize_pack(values, cfg.value_bits, cfg.value_group, "token", cfg.scale_dtype)
+        return QuantizedBody(cfg, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)
 
     def _rotated32(self, with_body: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """All slots' keys and values in float32, rotated basis (the body dequantized)."""

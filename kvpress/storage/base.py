@@ -13,8 +13,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+
+# decode(query [batch, q_heads, q_len, head_dim], allowed [batch, kv_heads, q_len, seq] bool | None, scaling)
+#   -> [batch, q_len, q_heads, head_dim]: attention read straight from a storage's held form.
+Decoder = Callable[[torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
 
 
 @dataclass
@@ -40,6 +45,94 @@ class AttentionView:
     valid: torch.Tensor | None
     key_rotation: torch.Tensor | None = None
     value_rotation: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``(batch, kv_heads, seq, head_dim)`` of the view (without building keys for a lazy view)."""
+        return tuple(self.keys.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys.device
+
+    @property
+    def is_materialised(self) -> bool:
+        """Whether ``keys``/``values`` exist as tensors (always, except for a :class:`LazyAttentionView`)."""
+        return True
+
+
+class LazyAttentionView(AttentionView):
+    """An :class:`AttentionView` whose keys and values are built only when first read.
+
+    Quantized and ragged storages hand attention this view: decode attention reads the held form directly
+    through ``decode`` (fused kernels or chunked torch paths, :mod:`kvpress.kernels`), and ``keys``/``values``
+    (the dequantized / padded ``[batch, kv_heads, seq, head_dim]`` tensors of the eager view) are built by
+    ``materialise`` on first access only, e.g. when a policy reads them, then kept for the rest of the step.
+    ``positions``, ``valid`` and the rotations are plain attributes, as in the eager view. ``shape`` and
+    ``device`` are known without building anything.
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, int, int, int],
+        device: torch.device,
+        materialise: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+        decode: Decoder,
+        positions: torch.Tensor | None,
+        valid: torch.Tensor | None,
+        key_rotation: torch.Tensor | None = None,
+        value_rotation: torch.Tensor | None = None,
+        rotate_exact_keys: Callable[[tuple[torch.Tensor, ...], Callable[[torch.Tensor], torch.Tensor]],
+                                    "AttentionView | None"] | None = None,  # fmt: skip
+    ):
+        # AttentionView's dataclass __init__ is not called: keys/values are properties here.
+        self._shape = tuple(shape)
+        self._device = device
+        self._materialise: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = materialise
+        self._kv: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.decode = decode
+        self.positions = positions
+        self.valid = valid
+        self.key_rotation = key_rotation
+        self.value_rotation = value_rotation
+        # rotate_exact_keys(where, fn): a view whose keys at slots `where` (a (batch, head, slot) index tuple) are
+        # fn(keys) (fn maps [n, head_dim] float32 keys in the unrotated basis), still lazy; None when a slot in
+        # `where` is not held exactly (e.g. quantized), so the caller builds the keys instead. Used by
+        # kvpress.reposition to move StreamingLLM's sinks without dequantizing the layer.
+        self.rotate_exact_keys = rotate_exact_keys
+
+    def _built(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._kv is None:
+            self._kv = self._materialise()
+            self._materialise = None  # let what it captured go
+        return self._kv
+
+    @property
+    def keys(self) -> torch.Tensor:  # type: ignore[override]
+        return self._built()[0]
+
+    @property
+    def values(self) -> torch.Tensor:  # type: ignore[override]
+        return self._built()[1]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return self._shape
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def is_materialised(self) -> bool:
+        return self._kv is not None
+
+    def __repr__(self) -> str:
+        state = "materialised" if self.is_materialised else "lazy"
+        return f"LazyAttentionView(shape={self._shape}, {state})"
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
 
 
 class KVStorage(ABC):

@@ -8,15 +8,19 @@ concatenated head after head in row-major ``(batch, kv_head)`` order, each head'
     positions [total_tokens]            int32
     lengths   [batch, kv_heads]         int64, tokens held per head
 
-Attention gets a transient padded view (``[batch, kv_heads, max_len, head_dim]`` plus a validity mask); the
-padding exists only during that step and is never held by the cache.
+Attention gets a :class:`~kvpress.storage.LazyAttentionView`: decode steps read the flat layout directly
+(:func:`kvpress.kernels.ragged_decode`: a fused Triton varlen kernel on CUDA, a chunked torch path on CPU; no
+padding read), and the padded ``[batch, kv_heads, max_len, head_dim]`` tensors plus a validity mask are built
+only when something reads ``keys``/``values`` (a policy, a prefill or extend forward). The padding exists only
+during that step and is never held by the cache.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kvpress.storage.base import AttentionView, KVStorage
+from kvpress import kernels
+from kvpress.storage.base import AttentionView, KVStorage, LazyAttentionView
 from kvpress.storage.dense import POSITION_DTYPE, DenseStorage
 
 
@@ -54,14 +58,35 @@ class RaggedStorage(KVStorage):
     def view(self) -> AttentionView:
         valid = self._slot_valid()
         batch, heads, max_len = valid.shape
-        dim = self.keys.shape[-1]
-        keys = self.keys.new_zeros(batch, heads, max_len, dim)
-        values = self.values.new_zeros(batch, heads, max_len, dim)
         positions = torch.zeros(batch, heads, max_len, dtype=torch.long, device=self.keys.device)
-        keys[valid] = self.keys
-        values[valid] = self.values
         positions[valid] = self.positions.long()
-        return AttentionView(keys, values, positions, valid)
+        keys, values, lengths = self.keys, self.values, self.lengths_
+
+        def materialise() -> tuple[torch.Tensor, torch.Tensor]:
+            dim = keys.shape[-1]
+            padded_k = keys.new_zeros(batch, heads, max_len, dim)
+            padded_v = values.new_zeros(batch, heads, max_len, dim)
+            padded_k[valid] = keys
+            padded_v[valid] = values
+            return padded_k, padded_v
+
+        def decode(query: torch.Tensor, allowed: torch.Tensor | None, scaling: float) -> torch.Tensor:
+            b, q_heads, q_len, d = query.shape
+            groups = q_heads // heads
+            q = (query.float() * scaling).reshape(b, heads, groups * q_len, d)
+            mask = None if allowed is None else allowed.transpose(-1, -2)[valid]  # [total_tokens, q_len]
+            part = kernels.ragged_decode(q, keys, values, lengths, mask, max_length=max_len)
+            out = part.out.view(b, heads, groups, q_len, d).reshape(b, q_heads, q_len, d)
+            return out.transpose(1, 2).to(query.dtype)
+
+        return LazyAttentionView(
+            shape=(batch, heads, max_len, self.keys.shape[-1]),
+            device=self.keys.device,
+            materialise=materialise,
+            decode=decode,
+            positions=positions,
+            valid=valid,
+        )
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, start_position: int) -> None:
         batch, heads, new, dim = keys.shape
