@@ -22,8 +22,10 @@ class LayerContext:
         phase: ``"prefill"`` for the first forward on a fresh cache, ``"decode"`` for a one-token step,
             ``"extend"`` for a later multi-token forward (a question appended to a compressed context, a chunk).
         queries: ``[batch, q_heads, q_len, head_dim]`` post-RoPE queries of this forward.
-        keys: ``[batch, kv_heads, seq, head_dim]`` cached keys attention just read (this forward's included).
-        values: ``[batch, kv_heads, seq, head_dim]``.
+        key_data / value_data: the cached keys / values attention just read (this forward's included),
+            ``[batch, kv_heads, seq, head_dim]``, or a zero-argument function building them: read them as
+            :attr:`keys` / :attr:`values`, built on first access only (a quantized layer is then dequantized), so a
+            policy that never reads them (StreamingLLM, H2O with its attention mass) costs no dequantization.
         positions: ``[batch, kv_heads, seq]`` int64 absolute position of every cached slot.
         allowed_fn: ``allowed_fn(n)`` builds ``[batch, kv_heads, n, seq]`` bool for the last ``n`` queries:
             which cached slot each may attend to (causality, padding, ragged slots), or ``None`` when they
@@ -48,8 +50,8 @@ class LayerContext:
     num_layers: int
     phase: Phase
     queries: torch.Tensor
-    keys: torch.Tensor
-    values: torch.Tensor
+    key_data: torch.Tensor | Callable[[], torch.Tensor]
+    value_data: torch.Tensor | Callable[[], torch.Tensor]
     positions: torch.Tensor
     allowed_fn: Callable[[int], torch.Tensor | None]
     scaling: float
@@ -62,21 +64,35 @@ class LayerContext:
     hidden_states: torch.Tensor | None = None
 
     @property
+    def keys(self) -> torch.Tensor:
+        """``[batch, kv_heads, seq, head_dim]`` cached keys (built on first access)."""
+        if callable(self.key_data):
+            self.key_data = self.key_data()
+        return self.key_data
+
+    @property
+    def values(self) -> torch.Tensor:
+        """``[batch, kv_heads, seq, head_dim]`` cached values (built on first access)."""
+        if callable(self.value_data):
+            self.value_data = self.value_data()
+        return self.value_data
+
+    @property
     def batch_size(self) -> int:
-        return self.keys.shape[0]
+        return self.positions.shape[0]
 
     @property
     def num_kv_heads(self) -> int:
-        return self.keys.shape[1]
+        return self.positions.shape[1]
 
     @property
     def num_cached(self) -> int:
         """Slots per head in the attention view (max over heads for ragged storage)."""
-        return self.keys.shape[2]
+        return self.positions.shape[2]
 
     @property
     def gqa_groups(self) -> int:
-        return self.queries.shape[1] // self.keys.shape[1]
+        return self.queries.shape[1] // self.num_kv_heads
 
     @property
     def q_len(self) -> int:
@@ -100,7 +116,7 @@ class LayerContext:
         """``[batch, kv_heads, seq]`` bool: slots holding a real token the latest query may attend to."""
         allowed = self.allowed_fn(1)
         if allowed is None:
-            return torch.ones(self.keys.shape[:3], dtype=torch.bool, device=self.keys.device)
+            return torch.ones(self.positions.shape, dtype=torch.bool, device=self.positions.device)
         return allowed[:, :, -1, :]
 
     def attention_probs(self, last_n: int | None = None) -> torch.Tensor:

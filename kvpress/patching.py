@@ -265,15 +265,15 @@ class PatchSession:
             query = query @ view.key_rotation.to(query.dtype)
         positions = view.positions
         if positions is None:
-            batch, heads, seq = view.keys.shape[:3]
-            positions = torch.arange(seq, device=view.keys.device).expand(batch, heads, seq)
+            batch, heads, seq = view.shape[:3]
+            positions = torch.arange(seq, device=view.device).expand(batch, heads, seq)
         ctx = LayerContext(
             layer_idx=layer.layer_idx,
             num_layers=self.num_layers,
             phase=phase,
             queries=query,
-            keys=view.keys,
-            values=view.values,
+            key_data=lambda: view.keys,  # built only if the policy reads them (lazy views stay undecoded)
+            value_data=lambda: view.values,
             positions=positions,
             allowed_fn=lambda n: allowed_slots(attention_mask, view, q_start, q_len, last_n=n),
             scaling=scaling,

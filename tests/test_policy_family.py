@@ -362,3 +362,27 @@ def test_registry_builds_every_family_member_by_name():
     assert isinstance(db, DecodingBudget) and isinstance(db.policy, H2O)
     assert isinstance(get_policy("pyramidkv", compression_ratio=0.25), PyramidKV)
     assert isinstance(get_policy("kvzip", compression_ratio=0.5, scope="layer"), KVzip)
+
+
+def test_policies_that_never_read_keys_leave_a_quantized_decode_step_undecoded(monkeypatch):
+    """StreamingLLM reads positions only: a decode step over quantized storage must not dequantize the layer."""
+    from kvpress.storage.base import LazyAttentionView
+
+    built = []
+    original = LazyAttentionView._built
+    monkeypatch.setattr(LazyAttentionView, "_built", lambda self: built.append(1) or original(self))
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (1, 80))
+    with kvpress.patch(model, StreamingLLM(n_sink=4, window=48) | KVQuant(bits=4, group_size=8, residual=8)) as s:
+        cache = s.new_cache()
+        out = model(ids, **cache_kwargs(model, cache), use_cache=True)
+        built.clear()
+        for _ in range(3):
+            out = model(out.logits[:, -1:].argmax(-1), **cache_kwargs(model, cache), use_cache=True)
+    assert built == []
+    with kvpress.patch(model, KeyNorm(compression_ratio=0.0) | KVQuant(bits=4, group_size=8, residual=8)) as s:
+        cache = s.new_cache()
+        model(ids, **cache_kwargs(model, cache), use_cache=True)
+        built.clear()
+        model(ids[:, :1], **cache_kwargs(model, cache), use_cache=True)
+    assert built == []  # KeyNorm acts at prefill only: its decode steps read nothing either
