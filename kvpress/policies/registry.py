@@ -32,11 +32,23 @@ def available_policies() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_policy(name: str, **params: Any) -> Any:
-    """Build a policy by name (``"none"`` gives ``None``: the uncompressed cache; ``"kvquant"`` a quantizer)."""
-    key = _ALIASES.get(name.lower().replace("-", "_"), name.lower().replace("-", "_"))
+def canonical_policy_name(name: str) -> str:
+    """The registry key of ``name`` (case, ``-``/``_`` and aliases resolved); raises for an unknown name."""
+    key = name.lower().replace("-", "_")
+    key = _ALIASES.get(key, key)
     if key not in _REGISTRY:
         raise ValueError(f"unknown policy {name!r}; available policies: {', '.join(available_policies())}")
+    return key
+
+
+def policy_factory(name: str) -> Callable[..., Any]:
+    """The callable registered under ``name`` (for tools that inspect its parameters, e.g. sweep specs)."""
+    return _REGISTRY[canonical_policy_name(name)]
+
+
+def get_policy(name: str, **params: Any) -> Any:
+    """Build a policy by name (``"none"`` gives ``None``: the uncompressed cache; ``"kvquant"`` a quantizer)."""
+    key = canonical_policy_name(name)
     try:
         return _REGISTRY[key](**params)
     except TypeError as err:

@@ -1,0 +1,2 @@
+def load_rows(*a, **k): raise NotImplementedError
+def write_report(*a, **k): raise NotImplementedError
