@@ -13,7 +13,8 @@ Command line: ``kvpress sweep plan|run|report`` (see kvpress/sweep/README.md).
 from kvpress.sweep.backends import BackendError
 from kvpress.sweep.cells import Cell, Plan, plan
 from kvpress.sweep.expr import PolicyConfig, SpecError, expand
-from kvpress.sweep.report import load_rows, write_report
+from kvpress.sweep.report import (aggregate, load_records, load_rows, pareto_front, plot_needle_heatmaps,
+                                   plot_score_vs_bytes, plot_score_vs_ratio, write_report)
 from kvpress.sweep.runner import RunSummary, run_sweep
 from kvpress.sweep.spec import SweepSpec, load_spec
 from kvpress.sweep.store import ResultStore, StoreError
@@ -21,5 +22,6 @@ from kvpress.sweep.tasks import available_sweep_tasks
 
 __all__ = [
     "SweepSpec", "load_spec", "plan", "Plan", "Cell", "PolicyConfig", "expand", "run_sweep", "RunSummary",
-    "ResultStore", "write_report", "load_rows", "available_sweep_tasks", "SpecError", "StoreError", "BackendError",
+    "ResultStore", "write_report", "load_rows", "load_records", "aggregate", "pareto_front", "plot_score_vs_ratio",
+    "plot_score_vs_bytes", "plot_needle_heatmaps", "available_sweep_tasks", "SpecError", "StoreError", "BackendError",
 ]
