@@ -30,7 +30,6 @@ import kvpress
 from kvpress.eval import get_task
 from kvpress.policies import SnapKV, StreamingLLM
 
-torch.set_num_threads(2)
 torch.manual_seed(0)
 
 

@@ -23,13 +23,11 @@
 import io
 import tempfile
 
-import torch
 from IPython.display import Image, Markdown, display
 
 from kvpress.sweep import (SweepSpec, load_rows, plan, plot_score_vs_bytes, plot_score_vs_ratio, run_sweep,
                            write_report)
 
-torch.set_num_threads(2)
 
 
 def show(fig) -> None:
@@ -44,7 +42,7 @@ spec = SweepSpec.from_dict({
     "policies": ["snapkv", "streaming_llm"],   # any registry policy or expression, e.g. "snapkv(window=16)"
     "ratios": [0.25, 0.5, 0.75],
     "lengths": [512],
-    "samples": 3,
+    "samples": 2,
     "modes": ["query-agnostic", "query-aware"],
 })
 cells = plan(spec).cells

@@ -24,12 +24,10 @@
 import io
 import tempfile
 
-import torch
 from IPython.display import Image, Markdown, display
 
 from kvpress.sweep import SweepSpec, load_rows, plot_score_vs_bytes, run_sweep
 
-torch.set_num_threads(2)
 
 
 def show(fig) -> None:
@@ -42,7 +40,7 @@ spec = SweepSpec.from_dict({
     "name": "notebook-03",
     "tasks": ["perplexity"],
     "policies": ["kvquant(bits=[2, 3, 4], rotate=[True, False], rank=[0, 4])"],
-    "lengths": [768],
+    "lengths": [512],
     "samples": 1,
     "task": {"perplexity": {"mode": "chunked", "chunk_size": 128}},
 })

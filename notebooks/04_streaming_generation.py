@@ -30,7 +30,6 @@ from matplotlib.figure import Figure
 import kvpress
 from kvpress.policies import StreamingLLM
 
-torch.set_num_threads(2)
 model, tokenizer = kvpress.load_model()
 messages = [{"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}]
 prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)

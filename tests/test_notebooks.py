@@ -13,7 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
 PUBLIC_MODULES = {"kvpress", "kvpress.policies", "kvpress.quant", "kvpress.eval", "kvpress.sweep"}
-BUDGET_S = 180  # per notebook, on 2 cores
+# Per notebook, on 2 otherwise idle cores. KVPRESS_NOTEBOOK_BUDGET_S raises it on a machine shared with other jobs.
+BUDGET_S = float(os.environ.get("KVPRESS_NOTEBOOK_BUDGET_S", 180))
 
 
 def test_the_four_notebooks_exist():
@@ -36,7 +37,7 @@ def test_notebooks_use_only_the_public_api(path):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("smollm2")
+@pytest.mark.xdist_group("notebooks")  # one kernel at a time, beside the SmolLM2 tests of the other worker
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_executes(path, tmp_path, monkeypatch):
     jupytext = pytest.importorskip("jupytext")
@@ -44,7 +45,7 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     notebook = jupytext.read(path)
-    client = nbclient.NotebookClient(notebook, timeout=BUDGET_S, kernel_name="python3",
+    client = nbclient.NotebookClient(notebook, timeout=int(BUDGET_S), kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})
     started = time.perf_counter()
     client.execute()  # raises CellExecutionError with the cell and traceback on any error

@@ -122,7 +122,8 @@ def test_killed_process_resumes_and_reports_like_an_uninterrupted_run(spec_path,
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     stored = ResultStore.open(out).finished_keys()
     assert 2 <= len(stored) < 6
-    assert not list((out / "cells").glob("*.json.tmp"))  # only whole records carry a record's name
+    for path in (out / "cells").glob("*.json"):  # a record's name appears only with its whole content
+        assert json.loads(path.read_text())["key"] == path.stem
     before = snapshot(out / "cells")
     summary = run_sweep(spec_path, out, progress=False)
     all_keys = {c.key for c in plan(load_spec(spec_path)).cells}
@@ -218,3 +219,31 @@ def test_cli_flags_alone_make_a_spec(model_dir, tmp_path, capsys):
     assert "2 cells (2 stored, 0 to run)" in capsys.readouterr().out
     assert kvpress_main(["sweep", "plan", *axes, "--samples", "2", "--out", str(out)]) == 0  # another cell each
     assert "2 cells (0 stored, 2 to run)" in capsys.readouterr().out
+
+
+def test_lm_eval_and_perplexity_cells(model_dir, tmp_path):
+    """The other task kinds: an offline lm-eval task through the kvpress adapter and perplexity through the cache."""
+    pytest.importorskip("lm_eval")
+    spec = write_spec(tmp_path / "s.toml", model_dir, """
+models = ["{model}"]
+tasks = ["lm_eval:kvpress_niah_choice", "perplexity"]
+policies = ["snapkv"]
+ratios = [0.5]
+lengths = [256]
+samples = 2
+[task.perplexity]
+chunk_size = 64
+""")
+    out = tmp_path / "store"
+    summary = run_sweep(spec, out, progress=False)
+    assert (summary.done, summary.failed) == (4, 0)
+    records = {(r["task"], r["policy"]): r for r in ResultStore.open(out).records()}
+    choice = records[("lm_eval:kvpress_niah_choice", "snapkv(compression_ratio=0.5)")]
+    assert choice["metric"] == "acc" and choice["n_samples"] == 2 and 0 <= choice["score"] <= 100
+    full, snap = records[("perplexity", "none")], records[("perplexity", "snapkv(compression_ratio=0.5)")]
+    assert full["metric"] == "perplexity" and not full["higher_is_better"]
+    assert full["kv_fraction"] == pytest.approx(1.0) and snap["kv_fraction"] < 0.6  # compressed after every chunk
+    assert snap["samples"][0]["parameters"]["every_chunk"] is True
+    assert snap["score"] > 1 and [s["tokens_scored"] for s in full["samples"]] == [255, 255]
+    rows = {(r["task"], r["policy"]): r for r in __import__("kvpress").sweep.load_rows(out)}
+    assert rows[("perplexity", "none")]["pct_of_full"] == pytest.approx(100.0)

@@ -182,3 +182,22 @@ def test_policy_config_is_a_policy_spec_for_the_eval_runner():
     assert cfg.is_baseline and cfg.label == "none" and cfg.name == "none" and cfg.build(5) is None
     (snap,) = expand("snapkv", [0.5])
     assert snap.compression_ratio == 0.5 and snap.name == "snapkv" and not snap.is_baseline
+
+
+def test_report_helpers(tmp_path):
+    from kvpress.sweep import pareto_front
+    from kvpress.sweep.report import README_END, README_START, family, update_readme
+
+    points = [(1.0, 90.0), (0.5, 80.0), (0.5, 85.0), (0.3, 20.0), (0.7, 70.0), (0.2, 20.0)]
+    assert pareto_front(points) == [(0.2, 20.0), (0.5, 85.0), (1.0, 90.0)]
+    assert pareto_front([(1.0, 10.0), (0.5, 12.0), (0.3, 11.0)], higher_is_better=False) == [(0.3, 11.0)]
+    assert family("snapkv(compression_ratio=0.5, window=8) | kvquant(bits=4)") == "snapkv(window=8) | kvquant(bits=4)"
+    assert family("streaming_llm(ratio=0.25)") == "streaming_llm" and family("none") == "none"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"a\n{README_START}\nold\n{README_END}\nb\n")
+    update_readme(readme, "| new |", source="x.md")
+    text = readme.read_text()
+    assert text.startswith("a\n") and text.endswith("b\n") and "| new |" in text and "old" not in text
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="no <!-- kvpress-leaderboard:start -->"):
+        update_readme(readme, "t", source="x")

@@ -108,8 +108,10 @@ def aggregate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     full = {(r["model"], r["task"], r["mode"]): r["score"] for r in rows if r["policy"] == "none"}
     for row in rows:
         base = full.get((row["model"], row["task"], row["mode"]))
-        if base and row["score"]:
-            row["pct_of_full"] = 100.0 * (row["score"] / base if row["higher_is_better"] else base / row["score"])
+        if base and row["higher_is_better"]:
+            row["pct_of_full"] = 100.0 * row["score"] / base
+        elif base and row["score"]:
+            row["pct_of_full"] = 100.0 * base / row["score"]
     return sorted(rows, key=_sort_key)
 
 
@@ -187,7 +189,7 @@ def headline_table(rows: Sequence[dict[str, Any]]) -> str:
     ratio_fams = [f for f in fam_order if any(r["family"] == f and r["ratio"] is not None for r in rows)]
     if ratios and ratio_fams:
         head = "| policy | " + " | ".join(f"r={x:g}" for x in ratios)
-        head += (" | " + " | ".join(f"ppl r={x:g}" for x in ratios) if ppl else "") + " | KV held % |"
+        head += (" | " + " | ".join(f"ppl r={x:g}" for x in ratios) if ppl else "") + " | KV held % at each r |"
         lines += [head, "|---|" + "---:|" * (len(ratios) * (2 if ppl else 1) + 1)]
         for fam in ratio_fams:
             cells = [mean([r["pct_of_full"] for r in acc if r["family"] == fam and r["ratio"] == x]) for x in ratios]
