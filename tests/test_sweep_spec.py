@@ -190,7 +190,7 @@ def test_report_helpers(tmp_path):
 
     points = [(1.0, 90.0), (0.5, 80.0), (0.5, 85.0), (0.3, 20.0), (0.7, 70.0), (0.2, 20.0)]
     assert pareto_front(points) == [(0.2, 20.0), (0.5, 85.0), (1.0, 90.0)]
-    assert pareto_front([(1.0, 10.0), (0.5, 12.0), (0.3, 11.0)], higher_is_better=False) == [(0.3, 11.0)]
+    assert pareto_front([(1.0, 10.0), (0.5, 12.0), (0.3, 11.0)], higher_is_better=False) == [(0.3, 11.0), (1.0, 10.0)]
     assert family("snapkv(compression_ratio=0.5, window=8) | kvquant(bits=4)") == "snapkv(window=8) | kvquant(bits=4)"
     assert family("streaming_llm(ratio=0.25)") == "streaming_llm" and family("none") == "none"
     readme = tmp_path / "README.md"
