@@ -34,7 +34,7 @@ model, tokenizer = kvpress.load_model()
 messages = [{"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}]
 prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 prompt = prompt["input_ids"]
-STEPS = 400
+STEPS = 300
 
 
 def show(fig: Figure) -> None:
