@@ -378,5 +378,6 @@ def check_builds(config: PolicyConfig, n_tokens: int, where: str) -> None:
     """Build ``config`` once (cheap: no model) so the factory validates every value; raises :class:`SpecError`."""
     try:
         config.build(n_tokens)
-    except (ValueError, TypeError) as err:
-        raise SpecError(f"{where}: {config.label}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - any factory error (bad value, missing file, ...) is a spec error
+        raise SpecError(f"{where}: {config.label}: {type(err).__name__ + ': ' if not isinstance(err, ValueError) else ''}"
+                        f"{err}") from None
