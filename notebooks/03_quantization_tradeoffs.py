@@ -65,7 +65,6 @@ display(Markdown("\n".join(lines)))
 show(plot_score_vs_bytes(rows))
 
 # %%
-two_bit = {(dict(r["samples"][0]["parameters"])["rotate"], dict(r["samples"][0]["parameters"])["rank"]): r["score"]
-           for r in rows if r["policy"].startswith("kvquant(bits=2")}
-for (rotate, rank), ppl in sorted(two_bit.items()):
-    print(f"2-bit rotate={rotate!s:5} rank={rank}: perplexity {ppl:.3f}")
+for r in rows:
+    if r["policy"].startswith("kvquant(bits=2"):
+        print(f"{r['policy']:>38}: perplexity {r['score']:.3f}, {32 * r['kv_fraction']:.2f} effective bits")
