@@ -57,9 +57,9 @@ for r in sorted(rows, key=lambda r: r["kv_fraction"]):
 display(Markdown("\n".join(lines)))
 
 # %% [markdown]
-# Perplexity against bytes held: the Pareto front shows which settings are worth their bytes. Rotation matters
-# most at 2 bits; the rank-4 correction costs bytes (two fp16 factors per token) and pays off only where the
-# quantization error is large.
+# Perplexity against bytes held: the Pareto front shows which settings are worth their bytes. Expect rotation to
+# matter at 2 bits and hardly at 3-4 bits, and the rank-4 correction (two fp16 factors per token: more bytes) to
+# help most where the quantization error is largest, at 2 bits; the table above has this run's numbers.
 
 # %%
 show(plot_score_vs_bytes(rows))
