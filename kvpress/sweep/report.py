@@ -249,6 +249,12 @@ def _panels(n: int, width: float = 5.0, height: float = 3.6, **kwargs):
     return fig, list(axes.flat)
 
 
+def _ylabel(row: dict[str, Any]) -> str:
+    if not row["higher_is_better"]:
+        return f"{row['metric']} (lower is better)"
+    return f"score ({row['metric']})" if row["metric"] in ("all", "part") else row["metric"]
+
+
 def _title(key: tuple) -> str:
     model, task, mode = key
     return task + (f" ({mode})" if mode and mode != "query-agnostic" else "")
@@ -271,7 +277,7 @@ def plot_score_vs_ratio(rows: Sequence[dict[str, Any]]):
                 ax.axhline(r["score"], linestyle="--", color="gray", label=f"uncompressed ({r['score']:.1f})")
         ax.set_title(_title(key), fontsize=10)
         ax.set_xlabel("compression ratio (fraction of tokens evicted)")
-        ax.set_ylabel(members[0]["metric"] + (" (lower is better)" if not members[0]["higher_is_better"] else ""))
+        ax.set_ylabel(_ylabel(members[0]))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -310,7 +316,7 @@ def plot_score_vs_bytes(rows: Sequence[dict[str, Any]]):
                     linewidth=1, label="Pareto front", zorder=2)
         ax.set_title(_title(key), fontsize=10)
         ax.set_xlabel("KV bytes held / uncompressed")
-        ax.set_ylabel(members[0]["metric"] + (" (lower is better)" if not members[0]["higher_is_better"] else ""))
+        ax.set_ylabel(_ylabel(members[0]))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     fig.tight_layout()
