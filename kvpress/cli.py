@@ -11,7 +11,9 @@ import importlib
 import sys
 
 # Modules that register sub-commands; a module missing its optional dependencies is skipped with a note.
-_COMMAND_MODULES = ("kvpress.demo", "kvpress.eval.cli", "kvpress.eval.perplexity_cli", "kvpress.scorer.cli")
+_COMMAND_MODULES = (
+    "kvpress.demo", "kvpress.eval.cli", "kvpress.eval.perplexity_cli", "kvpress.scorer.cli", "kvpress.sweep.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -72,12 +72,18 @@ def available_policies() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def policy_factory(name: str) -> Callable[..., Any]:
-    """The factory registered under ``name`` (aliases and ``-``/case accepted); raises for unknown names."""
-    key = _ALIASES.get(name.lower().replace("-", "_"), name.lower().replace("-", "_"))
+def canonical_policy_name(name: str) -> str:
+    """The registry key of ``name`` (case, ``-``/``_`` and aliases resolved); raises for an unknown name."""
+    key = name.lower().replace("-", "_")
+    key = _ALIASES.get(key, key)
     if key not in _REGISTRY:
         raise ValueError(f"unknown policy {name!r}; available policies: {', '.join(available_policies())}")
-    return _REGISTRY[key]
+    return key
+
+
+def policy_factory(name: str) -> Callable[..., Any]:
+    """The callable registered under ``name`` (for tools that inspect its parameters, e.g. sweep specs)."""
+    return _REGISTRY[canonical_policy_name(name)]
 
 
 def get_policy(name: str, **params: Any) -> Any:

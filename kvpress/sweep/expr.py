@@ -1,0 +1,383 @@
+"""Policy expressions: policy configurations written as in Python, parsed safely (``ast``, nothing evaluated).
+
+    snapkv                                        a registry policy with its defaults
+    snapkv(compression_ratio=0.5, window=16)      parameters (keywords, or positionals in signature order)
+    snapkv(compression_ratio=0.5) | kvquant(bits=2)   a pipeline (evict, then quantize), as ``|`` in Python
+    kvquant(bits=[2, 4], rotate=[True, False])    a list is a grid axis: 4 configurations
+    adakv(snapkv(window=16), compression_ratio=0.5)   a policy as a parameter (wrappers)
+    kvquant(bits=4, fp_dtype=torch.float16)       torch dtypes by name; a tuple is a literal sequence
+
+Names are looked up in :mod:`kvpress.policies.registry` and parameters are checked against the registered
+factory's signature (``inspect``), so a policy registered tomorrow works here unchanged. Values may be numbers,
+strings, booleans, ``None``, tuples, ``torch.<dtype>``, nested policy calls and (as grid axes) lists of those.
+
+The sweep's shared ``ratios`` axis reaches every top-level stage that has no ratio or budget of its own: as
+``compression_ratio`` when the factory takes one, through the eval harness's ratio adapter otherwise
+(StreamingLLM: ``window = round(n * (1 - r)) - n_sink``, see ``kvpress.eval.runner.RATIO_ADAPTERS``), or as a
+``budget = round(n * (1 - r))`` for factories that take a budget only; ``n`` is the first forward's length.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from kvpress.policies import Pipeline, available_policies, get_policy
+from kvpress.policies.registry import canonical_policy_name, policy_factory
+
+BASELINE = "none"
+# Parameters through which a stage is already sized: the sweep's ratio axis leaves such a stage alone.
+SIZE_PARAMETERS = ("compression_ratio", "budget")
+
+
+class SpecError(ValueError):
+    """A bad sweep specification; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class Dtype:
+    """``torch.<name>`` written in an expression (kept by name so configurations stay JSON and hashable)."""
+
+    name: str
+
+    def resolve(self) -> Any:
+        import torch
+
+        return getattr(torch, self.name)
+
+    def __str__(self) -> str:
+        return f"torch.{self.name}"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One registry policy with explicit parameters (values are literals, :class:`Dtype` or nested stages)."""
+
+    name: str
+    params: tuple[tuple[str, Any], ...] = ()
+    # How the sweep's ratio reaches this stage: "compression_ratio", "adapter", "budget" or None (it does not).
+    ratio_via: str | None = None
+
+    def text(self, ratio: float | None = None) -> str:
+        parts = [f"{k}={_value_text(v)}" for k, v in self.params]
+        if ratio is not None and self.ratio_via:
+            key = "compression_ratio" if self.ratio_via == "compression_ratio" else "ratio"
+            parts.insert(0, f"{key}={ratio:g}")
+        return f"{self.name}({', '.join(parts)})" if parts else self.name
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """One point of a sweep's policy grid: a pipeline of stages (none = the uncompressed baseline) and the ratio
+    the sweep gave it. Duck-types :class:`kvpress.eval.runner.PolicySpec`, so the eval runner takes it."""
+
+    stages: tuple[Stage, ...] = ()
+    ratio: float | None = None
+
+    @property
+    def is_baseline(self) -> bool:
+        return not self.stages
+
+    @property
+    def name(self) -> str:
+        return "|".join(s.name for s in self.stages) if self.stages else BASELINE
+
+    @property
+    def label(self) -> str:
+        return " | ".join(s.text(self.ratio) for s in self.stages) if self.stages else BASELINE
+
+    @property
+    def compression_ratio(self) -> float | None:
+        """The ratio of this configuration: the sweep's, else an explicit ``compression_ratio`` of a stage."""
+        if self.ratio is not None:
+            return self.ratio
+        for stage in self.stages:
+            value = dict(stage.params).get("compression_ratio")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+        return None
+
+    def parameters(self) -> dict[str, Any]:
+        return {"expression": self.label}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"expression": self.label, "ratio": self.ratio,
+                "stages": [_stage_json(s) for s in self.stages]}
+
+    def build(self, n_tokens: int, overrides: dict[str, Any] | None = None) -> Any:
+        """The policy object for a first forward of ``n_tokens`` tokens (``None`` for the baseline).
+
+        ``overrides``: parameters given to every stage whose factory takes them and that does not set them
+        (e.g. ``every_chunk=True`` for chunked perplexity)."""
+        built = [_build_stage(s, n_tokens, self.ratio, overrides or {}) for s in self.stages]
+        built = [b for b in built if b is not None]
+        if not built:
+            return None
+        return built[0] if len(built) == 1 else Pipeline(*built)
+
+
+# ------------------------------------------------------------------------------------------ registry and signatures
+
+
+@functools.lru_cache(maxsize=None)
+def factory_parameters(name: str) -> tuple[dict[str, inspect.Parameter], bool]:
+    """``({parameter: inspect.Parameter}, open)`` of a registry policy. ``open`` is True when the factory takes
+    ``**kwargs`` that could not be resolved (then unknown keywords are left to the factory to reject). A factory
+    that forwards ``**kwargs`` (e.g. ``kvquant``) is resolved through the class of the object it builds."""
+    factory = policy_factory(name)
+    params = _named_parameters(factory)
+    if params is not None:
+        return params, False
+    try:
+        obj = factory()
+    except Exception:  # needs arguments: keep the factory's own named parameters, accept the rest
+        return _named_parameters(factory, strict=False) or {}, True
+    if obj is None:
+        return {}, False
+    resolved = _named_parameters(type(obj))
+    return (resolved, False) if resolved is not None else (_named_parameters(type(obj), strict=False) or {}, True)
+
+
+def _named_parameters(fn: Any, strict: bool = True) -> dict[str, inspect.Parameter] | None:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    out = {}
+    for p in sig.parameters.values():
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            if strict:
+                return None
+            continue
+        if p.kind is inspect.Parameter.VAR_POSITIONAL or p.name == "self":
+            continue
+        out[p.name] = p
+    return out
+
+
+def accepts(name: str, parameter: str) -> bool:
+    params, _ = factory_parameters(name)
+    return parameter in params
+
+
+def _ratio_adapters() -> dict[str, Any]:
+    from kvpress.eval.runner import RATIO_ADAPTERS
+
+    return RATIO_ADAPTERS
+
+
+def ratio_route(stage: Stage) -> str | None:
+    """How a ratio reaches ``stage`` (see :class:`Stage`), or None when it is sized already or cannot be."""
+    given = dict(stage.params)
+    if any(k in given for k in SIZE_PARAMETERS) or stage.name == BASELINE:
+        return None
+    if accepts(stage.name, "compression_ratio"):
+        return "compression_ratio"
+    if stage.name in _ratio_adapters():
+        sized_by = {"streaming_llm": "window"}.get(stage.name)
+        return None if sized_by in given else "adapter"
+    if accepts(stage.name, "budget"):
+        return "budget"
+    return None
+
+
+def _build_value(value: Any, n_tokens: int, overrides: dict[str, Any]) -> Any:
+    if isinstance(value, Stage):
+        return _build_stage(value, n_tokens, None, overrides)
+    if isinstance(value, Dtype):
+        return value.resolve()
+    if isinstance(value, tuple):
+        return tuple(_build_value(v, n_tokens, overrides) for v in value)
+    return value
+
+
+def _build_stage(stage: Stage, n_tokens: int, ratio: float | None, overrides: dict[str, Any]) -> Any:
+    params = {k: _build_value(v, n_tokens, overrides) for k, v in stage.params}
+    if ratio is not None and stage.ratio_via == "compression_ratio":
+        params["compression_ratio"] = ratio
+    elif ratio is not None and stage.ratio_via == "adapter":
+        params.update(_ratio_adapters()[stage.name](ratio, n_tokens, params))
+    elif ratio is not None and stage.ratio_via == "budget":
+        params["budget"] = max(1, round(n_tokens * (1.0 - ratio)))
+    for key, value in overrides.items():
+        if key not in params and accepts(stage.name, key):
+            params[key] = value
+    return get_policy(stage.name, **params)
+
+
+# ------------------------------------------------------------------------------------------ text and JSON forms
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, Stage):
+        return value.text()
+    if isinstance(value, Dtype):
+        return str(value)
+    if isinstance(value, tuple):
+        inner = ", ".join(_value_text(v) for v in value)
+        return f"({inner},)" if len(value) == 1 else f"({inner})"
+    if isinstance(value, float):
+        return repr(value)
+    return repr(value)
+
+
+def _value_json(value: Any) -> Any:
+    if isinstance(value, Stage):
+        return _stage_json(value)
+    if isinstance(value, Dtype):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_value_json(v) for v in value]
+    return value
+
+
+def _stage_json(stage: Stage) -> dict[str, Any]:
+    return {"policy": stage.name, "params": {k: _value_json(v) for k, v in stage.params},
+            "ratio_via": stage.ratio_via}
+
+
+# ------------------------------------------------------------------------------------------ parsing
+
+
+@dataclass(frozen=True)
+class _Axis:
+    values: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class _Call:
+    name: str
+    params: tuple[tuple[str, Any], ...]
+
+
+def _parse_value(node: ast.AST, where: str) -> Any:
+    if isinstance(node, ast.Constant) and (node.value is None or isinstance(node.value, (bool, int, float, str))):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        inner = _parse_value(node.operand, where)
+        if isinstance(inner, (int, float)) and not isinstance(inner, bool):
+            return -inner if isinstance(node.op, ast.USub) else inner
+    if isinstance(node, ast.List):
+        if not node.elts:
+            raise SpecError(f"{where}: empty list (a list is a grid axis and needs at least one value)")
+        return _Axis(tuple(_parse_value(e, where) for e in node.elts))
+    if isinstance(node, ast.Tuple):
+        return tuple(_parse_value(e, where) for e in node.elts)
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "torch":
+        import torch
+
+        if not isinstance(getattr(torch, node.attr, None), torch.dtype):
+            raise SpecError(f"{where}: torch.{node.attr} is not a torch dtype")
+        return Dtype(node.attr)
+    if isinstance(node, (ast.Call, ast.Name)):
+        return _parse_call(node, where)
+    raise SpecError(f"{where}: unsupported value {ast.unparse(node)!r} (numbers, strings, True/False/None, "
+                    "tuples, torch.<dtype>, policy calls, and lists as grid axes)")
+
+
+def _parse_call(node: ast.AST, where: str) -> _Call:
+    if isinstance(node, ast.Name):
+        return _Call(_policy_name(node.id, where), ())
+    if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
+        raise SpecError(f"{where}: expected a policy name or call, got {ast.unparse(node)!r}")
+    name = _policy_name(node.func.id, where)
+    params, open_kwargs = factory_parameters(name)
+    positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    out: dict[str, Any] = {}
+    if len(node.args) > len(positional):
+        raise SpecError(f"{where}: {name}() takes at most {len(positional)} positional arguments "
+                        f"({', '.join(p.name for p in positional) or 'none'}), got {len(node.args)}")
+    for param, arg in zip(positional, node.args):
+        out[param.name] = _parse_value(arg, f"{where}: {name}({param.name}=...)")
+    for kw in node.keywords:
+        if kw.arg is None:
+            raise SpecError(f"{where}: **-unpacking is not supported in policy expressions")
+        if kw.arg in out:
+            raise SpecError(f"{where}: {name}() got parameter {kw.arg!r} twice")
+        if kw.arg not in params and not open_kwargs:
+            allowed = ", ".join(params) or "none"
+            raise SpecError(f"{where}: policy {name!r} has no parameter {kw.arg!r}; its parameters: {allowed}")
+        out[kw.arg] = _parse_value(kw.value, f"{where}: {name}({kw.arg}=...)")
+    return _Call(name, tuple(out.items()))
+
+
+def _policy_name(raw: str, where: str) -> str:
+    try:
+        return canonical_policy_name(raw)
+    except ValueError:
+        raise SpecError(f"{where}: unknown policy {raw!r}; available policies: "
+                        f"{', '.join(available_policies())}") from None
+
+
+def _parse_stages(node: ast.AST, where: str) -> list[_Call]:
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+        return _parse_stages(node.left, where) + _parse_stages(node.right, where)
+    return [_parse_call(node, where)]
+
+
+def parse(text: str, where: str = "policy") -> list[_Call]:
+    """Parse one expression into its stages (grid axes unexpanded); raises :class:`SpecError`."""
+    if not isinstance(text, str) or not text.strip():
+        raise SpecError(f"{where}: a policy expression must be a non-empty string, got {text!r}")
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError as err:
+        raise SpecError(f"{where}: cannot parse {text!r}: {err.msg}") from None
+    return _parse_stages(tree.body, where)
+
+
+# ------------------------------------------------------------------------------------------ grid expansion
+
+
+def _expand_value(value: Any) -> list[Any]:
+    if isinstance(value, _Axis):
+        return [v for item in value.values for v in _expand_value(item)]
+    if isinstance(value, _Call):
+        return list(_expand_call(value))
+    if isinstance(value, tuple):
+        return [tuple(combo) for combo in itertools.product(*(_expand_value(v) for v in value))]
+    return [value]
+
+
+def _expand_call(call: _Call) -> Iterable[Stage]:
+    keys = [k for k, _ in call.params]
+    for combo in itertools.product(*(_expand_value(v) for _, v in call.params)):
+        yield Stage(call.name, tuple(zip(keys, combo)))
+
+
+def expand(text: str, ratios: Iterable[float] | None = None, where: str = "policy") -> list[PolicyConfig]:
+    """Every configuration an expression denotes: its own grid axes x the sweep's ``ratios`` (for the stages a
+    ratio reaches; a configuration no stage of which takes a ratio runs once)."""
+    calls = parse(text, where)
+    ratios = list(ratios or [])
+    for r in ratios:
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or not 0 <= r < 1:
+            raise SpecError(f"ratios: each ratio must be a number in [0, 1), got {r!r}")
+    out: list[PolicyConfig] = []
+    for stages in itertools.product(*(list(_expand_call(c)) for c in calls)):
+        stages = tuple(s for s in stages if s.name != BASELINE) if len(stages) > 1 else stages
+        if len(stages) == 1 and stages[0].name == BASELINE:
+            if stages[0].params:
+                raise SpecError(f"{where}: 'none' takes no parameters")
+            out.append(PolicyConfig())
+            continue
+        routed = tuple(Stage(s.name, s.params, ratio_route(s) if ratios else None) for s in stages)
+        if ratios and any(s.ratio_via for s in routed):
+            out.extend(PolicyConfig(routed, float(r)) for r in ratios)
+        else:
+            out.append(PolicyConfig(routed))
+    return out
+
+
+def check_builds(config: PolicyConfig, n_tokens: int, where: str) -> None:
+    """Build ``config`` once (cheap: no model) so the factory validates every value; raises :class:`SpecError`."""
+    try:
+        config.build(n_tokens)
+    except Exception as err:  # noqa: BLE001 - any factory error (bad value, missing file, ...) is a spec error
+        raise SpecError(f"{where}: {config.label}: {type(err).__name__ + ': ' if not isinstance(err, ValueError) else ''}"
+                        f"{err}") from None
