@@ -43,6 +43,7 @@ POLICIES: dict[str, tuple[str, dict]] = {
     "pyramidkv(snapkv)": ("pyramidkv", {"scorer": "snapkv"}),
     "adakv(snapkv)": ("adakv", {"scorer": "snapkv"}),
     "kvzip": ("kvzip", {}),
+    "learned": ("learned", {}),  # the shipped MLP predictor of KVzip's scores
 }
 QUICK = dict(ratios=[0.5, 0.75], samples=3, modes=["query-agnostic"], overhead_reps=2)
 FULL = dict(ratios=RATIOS, samples=10, modes=["query-agnostic", "query-aware"], overhead_reps=3)

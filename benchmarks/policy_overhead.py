@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kvpress  # noqa: E402
 from kvpress import cache_kwargs  # noqa: E402
 from kvpress.demo import build_prompt  # noqa: E402
-from kvpress.policies import H2O, TOVA, AdaKV, KeyNorm, KVzip, PyramidKV, SnapKV, StreamingLLM  # noqa: E402
+from kvpress.policies import H2O, TOVA, AdaKV, KeyNorm, KVzip, Learned, PyramidKV, SnapKV, StreamingLLM  # noqa: E402
 
 POLICIES = {
     "streaming_llm": lambda: StreamingLLM(n_sink=4, window=1024),
@@ -33,6 +33,7 @@ POLICIES = {
     "adakv(snapkv)": lambda: AdaKV(SnapKV(), compression_ratio=0.5),
     "pyramidkv(snapkv)": lambda: PyramidKV(SnapKV(), compression_ratio=0.5),
     "kvzip": lambda: KVzip(compression_ratio=0.5),
+    "learned": lambda: Learned(compression_ratio=0.5),
 }
 
 

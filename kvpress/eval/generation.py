@@ -226,6 +226,8 @@ def run_fanout(
             t0 = time.perf_counter()
             cache = full if i == len(policies) - 1 else full.clone()  # the last one may consume the original
             recorder.apply(cache, policy)
+            if policy is not None:
+                policy.attach(model)  # it decodes under the recorder's patch, which attached only the recorder's
             recorder.active = policy
             results.append(
                 _finish(model, tokenizer, cache, logits, suffix_ids, mode, max_new_tokens, stop_ids, cache.nbytes(),
