@@ -45,10 +45,9 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        # Beside another worker the kernel gets one core: more intra-op threads than cores stall torch's thread
-        # pool (CI measured >180 s for a cell that takes 20 s alone).
-        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # One intra-op thread: with two, any other busy process on the 2 cores stalls torch's thread pool (CI measured
+    # >180 s for a cell that takes 20 s on idle cores; here notebook 01 went from 22 s to 138 s at load 3).
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     notebook = jupytext.read(path)
     client = nbclient.NotebookClient(notebook, timeout=int(BUDGET_S), kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})
