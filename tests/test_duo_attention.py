@@ -85,7 +85,7 @@ def test_streaming_selection_by_sparsity_and_threshold():
         (lambda: DuoAttention("/nonexistent/p.safetensors"), FileNotFoundError, "does not exist"),
         (lambda: DuoAttention(42), ValueError, "pattern must be"),
         (lambda: DuoAttention(GATES, retrieval_policy=kvpress.policies.KVzip()), ValueError, "per layer"),
-        (lambda: DuoAttention(GATES) | KVQuant(bits=4), ValueError, "ragged"),
+        (lambda: DuoAttention(GATES) | kvpress.policies.AdaKV(SnapKV()) | KVQuant(bits=4), ValueError, "ragged"),
     ],
 )
 def test_bad_input_is_a_clear_error(make, error, match):
@@ -184,6 +184,41 @@ def test_retrieval_policy_applies_to_retrieval_heads_only():
         model(ids, **cache_kwargs(model, cache), use_cache=True)
     assert len(_held(cache, 0, 0, 1)) == 10 and len(_held(cache, 1, 0, 0)) == 10
     assert _held(cache, 0, 0, 0) == _expect_streaming(0, 20) and _held(cache, 1, 0, 1) == _expect_streaming(0, 20)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_composes_with_kvquant_each_head_group_in_its_own_quantized_storage(bits):
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(6))
+
+    def run(policy, steps=6):
+        with kvpress.patch(model, policy) as session:
+            cache = session.new_cache()
+            out = model(ids, **cache_kwargs(model, cache), use_cache=True)
+            logits = [out.logits[:, -1]]
+            for _ in range(steps):
+                out = model(out.logits[:, -1:].argmax(-1), **cache_kwargs(model, cache), use_cache=True)
+                logits.append(out.logits[:, -1])
+        return cache, torch.cat(logits)
+
+    duo = DuoAttention(_pattern(model), n_sink=SINK, window=WINDOW)
+    quant = KVQuant(bits=bits, n_sink=2, residual=8, group_size=8)
+    cache_q, logits_q = run(duo | quant)
+    cache_d, logits_d = run(DuoAttention(_pattern(model), n_sink=SINK, window=WINDOW))
+    cache_k, _ = run(KVQuant(bits=bits, n_sink=2, residual=8, group_size=8))
+    for layer in (0, 1):
+        storage = cache_q.layers[layer].storage
+        assert type(storage).__name__ == "HeadSplitStorage"
+        assert {type(p).__name__ for p in storage.parts} == {"QuantizedStorage"}
+    seen = 46
+    assert cache_q.layers[0].storage.lengths().tolist() == [[SINK + WINDOW, seen]]
+    assert cache_q.layers[1].storage.lengths().tolist() == [[seen, SINK + WINDOW]]
+    _check_heads(cache_q, seen)
+    assert cache_q.nbytes() < cache_d.nbytes() and cache_q.nbytes() < cache_k.nbytes()
+    if bits == 8:  # 8-bit codes: the same next tokens' logits as DuoAttention on full-precision storage
+        torch.testing.assert_close(logits_q, logits_d, atol=2e-2, rtol=2e-2)
+    (duo | quant).__or__(None)  # re-composing a split pipeline does not split twice
+    assert type((duo | quant | None).storage).__name__ == "HeadSplitSpec"
 
 
 # ---------------------------------------------------------------------------------------------- identification

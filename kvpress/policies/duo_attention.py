@@ -32,8 +32,9 @@ class DuoAttention(Policy):
             Learned in ratio mode) are refused.
 
     Original positions are kept (no repositioning): retrieval heads need them, and a streaming head's window is
-    short. Storage: ragged; quantized storage (``| KVQuant``) pads heads to the longest and is refused by the
-    pipeline, as for AdaKV.
+    short. Storage: ragged; with a quantizer (``DuoAttention(...) | KVQuant(bits=4)``) each layer holds its
+    streaming and its retrieval heads in two quantized storages (:mod:`kvpress.storage.head_split`), so no head is
+    padded to the other group's length.
     """
 
     name = "duo_attention"
@@ -121,6 +122,21 @@ class DuoAttention(Policy):
 
     def after_forward(self, fwd: ForwardContext) -> None:
         return None
+
+    def split_storage(self, spec: Any) -> Any:
+        """``spec`` (e.g. a :class:`~kvpress.quant.KVQuant`) wrapped so that each layer holds its streaming heads
+        and its retrieval heads in two storages of that kind: heads are never padded to the other group's length.
+        Called by the pipeline for ``DuoAttention(...) | KVQuant(...)``."""
+        from kvpress.storage.head_split import HeadSplitSpec
+
+        if isinstance(spec, HeadSplitSpec):  # already split (a pipeline re-built from another's stages)
+            return spec
+
+        def groups_of(layer_idx: int) -> list[torch.Tensor]:
+            heads = self.streaming_heads[layer_idx]
+            return [heads.nonzero().flatten(), (~heads).nonzero().flatten()]
+
+        return HeadSplitSpec(spec, groups_of)
 
     # -- reporting -------------------------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:
