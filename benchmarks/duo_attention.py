@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from kvpress.eval.perplexity import evaluate_perplexity, load_text, tokenize_text
 
-    text, source = load_text(None)
+    text, _ = load_text(None)
     ppl_ids = tokenize_text(tokenizer, text, max_tokens=args.ppl_tokens)
     ppl = {}
     for name, _, _, spec in configs:

@@ -104,17 +104,16 @@ def test_not_a_pattern_file(tmp_path):
 def test_pattern_for_another_model_is_refused(tmp_path):
     model = tiny_model("llama")
     wrong_shape = DuoPattern(torch.ones(3, 2), {"model": "other"})
-    with pytest.raises(ValueError, match=r"identified on other \(layers, KV heads = \(3, 2\)\); this model has \(2, 2\)"):
-        with kvpress.patch(model, DuoAttention(wrong_shape)):
-            pass
+    shape_error = r"identified on other \(layers, KV heads = \(3, 2\)\); this model has \(2, 2\)"
+    with pytest.raises(ValueError, match=shape_error), kvpress.patch(model, DuoAttention(wrong_shape)):
+        pass
     other = tiny_model("llama", hidden_size=32, intermediate_size=64)
     path = _pattern(other).save(tmp_path / "p.safetensors")
-    with pytest.raises(ValueError, match="signature"):
-        with kvpress.patch(model, DuoAttention(path)):
-            pass
-    with pytest.raises(ValueError, match="no shipped DuoAttention pattern matches"):
-        with kvpress.patch(model, DuoAttention("auto")):
-            pass
+    with pytest.raises(ValueError, match="signature"), kvpress.patch(model, DuoAttention(path)):
+        pass
+    with pytest.raises(ValueError, match="no shipped DuoAttention pattern matches"), \
+            kvpress.patch(model, DuoAttention("auto")):
+        pass
 
 
 def test_registry_builds_duo_attention():
@@ -263,3 +262,26 @@ def test_needle_scores_rank_heads_in_unit_range():
     model = tiny_model("llama")
     gates = needle_scores(model, _examples(3))
     assert gates.shape == (2, 2) and float(gates.max()) == 1.0 and float(gates.min()) >= 0.0
+
+
+# ---------------------------------------------------------------------------------------------- SmolLM2
+@pytest.mark.slow
+def test_shipped_smollm2_pattern_holds_at_most_055_of_the_bytes_at_sparsity_half(smollm2):
+    from kvpress.duo.pattern import embedded_pattern
+    from kvpress.eval.perplexity import load_text, tokenize_text
+
+    model, tokenizer = smollm2
+    pattern = load_pattern(embedded_pattern(model))
+    pattern.check(model)
+    assert pattern.metadata["method"] == "trained" and (pattern.num_layers, pattern.kv_heads) == (30, 3)
+    ids = tokenize_text(tokenizer, load_text(None)[0], max_tokens=2000)
+    n = ids.shape[1]
+    policy = DuoAttention("auto", sparsity=0.5, n_sink=16, window=128)
+    with torch.no_grad(), kvpress.patch(model, policy) as session:
+        cache = session.new_cache()
+        model(ids, **cache_kwargs(model, cache), use_cache=True)
+    full = 30 * 3 * n * 64 * 2 * 4  # float32 keys + values of every token, every layer and KV head
+    assert int(policy.streaming_heads.sum()) == 45
+    lengths = torch.stack([cache.layers[i].storage.lengths()[0] for i in range(30)])
+    assert torch.equal(lengths, torch.where(policy.streaming_heads, 16 + 128, n))
+    assert cache.nbytes() <= 0.55 * full

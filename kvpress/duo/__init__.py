@@ -7,4 +7,4 @@
 
 from kvpress.duo.pattern import DuoPattern, embedded_pattern, load_pattern
 
-__all__ = ["DuoPattern", "load_pattern", "embedded_pattern"]
+__all__ = ["DuoPattern", "embedded_pattern", "load_pattern"]

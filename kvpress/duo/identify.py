@@ -20,10 +20,11 @@ identifier of :mod:`kvpress.duo.cheap` instead.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -136,7 +137,10 @@ def duo_identify_attention(module, query, key, value, attention_mask, scaling=No
 @contextmanager
 def identification_attention(model: Any, state: MixState) -> Iterator[None]:
     """Run ``model``'s attention through :func:`duo_identify_attention` with ``state`` inside the block."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        AttentionMaskInterface,
+    )
     from transformers.modeling_utils import AttentionInterface
 
     modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")]
@@ -180,7 +184,7 @@ def _needle_columns(tokenizer, sample) -> torch.Tensor:
         if list(enc.input_ids) == prefix_ids:
             start = sample.prefix.rfind(value)
             stop = start + len(value)
-            cols = [i for i, (a, z) in enumerate(enc.offset_mapping) if a < stop and z > start and start >= 0]
+            cols = [i for i, (a, z) in enumerate(enc.offset_mapping) if a < stop and z > start >= 0]
             if cols:
                 return torch.tensor(cols)
     except (NotImplementedError, TypeError, ValueError):

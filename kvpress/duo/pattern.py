@@ -76,7 +76,7 @@ class DuoPattern:
         if threshold is not None:
             return self.gates < float(threshold)
         flat = self.gates.flatten()
-        n_stream = int(math.floor(float(sparsity) * flat.numel() + 0.5))
+        n_stream = math.floor(float(sparsity) * flat.numel() + 0.5)
         order = torch.sort(flat, stable=True).indices
         out = torch.zeros(flat.numel(), dtype=torch.bool)
         out[order[:n_stream]] = True

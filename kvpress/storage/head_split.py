@@ -13,7 +13,8 @@ built (un-rotated to the plain basis, so groups with different rotations can sit
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -37,7 +38,7 @@ class HeadSplitStorage(KVStorage):
         self._slots: list[int] | None = None  # slots per group in the last merged view (what select's mask covers)
 
     @classmethod
-    def empty(cls, groups: list[torch.Tensor], factory: Callable[[], KVStorage]) -> "HeadSplitStorage":
+    def empty(cls, groups: list[torch.Tensor], factory: Callable[[], KVStorage]) -> HeadSplitStorage:
         return cls(groups, [factory() for _ in groups])
 
     # -- KVStorage ---------------------------------------------------------------------------------------------
