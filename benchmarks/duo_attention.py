@@ -36,14 +36,16 @@ def heat_map(patterns: dict[str, DuoPattern], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(patterns), figsize=(1.6 + 1.3 * len(patterns), 6.5), squeeze=False)
-    for ax, (name, pattern) in zip(axes[0], patterns.items()):
+    fig, axes = plt.subplots(1, len(patterns), figsize=(1.6 + 1.5 * len(patterns), 6.5), squeeze=False,
+                             sharey=True)
+    for i, (ax, (name, pattern)) in enumerate(zip(axes[0], patterns.items())):
         image = ax.imshow(pattern.gates.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1,
                           interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("KV head")
         ax.set_xticks(range(pattern.kv_heads))
-        ax.set_ylabel("layer")
+        if i == 0:
+            ax.set_ylabel("layer")
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="gate (1 = retrieval)")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

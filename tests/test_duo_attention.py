@@ -285,3 +285,15 @@ def test_shipped_smollm2_pattern_holds_at_most_055_of_the_bytes_at_sparsity_half
     lengths = torch.stack([cache.layers[i].storage.lengths()[0] for i in range(30)])
     assert torch.equal(lengths, torch.where(policy.streaming_heads, 16 + 128, n))
     assert cache.nbytes() <= 0.55 * full
+
+
+def test_cli_parses_identify_and_prints_pattern_info(tmp_path, capsys):
+    from kvpress.cli import build_parser, main
+
+    args = build_parser().parse_args(["duo", "identify", "--out", "p.safetensors", "--method", "needle", "--seed", "3",
+                                      "--steps", "5", "--window", "32"])
+    assert (args.method, args.seed, args.steps, args.window, args.model) == ("needle", 3, 5, 32, "smollm2-135m")
+    path = _pattern(gates=GATES).save(tmp_path / "p.safetensors")
+    assert main(["duo", "info", str(path), "--sparsity", "0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "format: kvpress-duo-pattern/1" in printed and "0.100*" in printed and "0.900 " in printed
