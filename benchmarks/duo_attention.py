@@ -30,6 +30,18 @@ from kvpress.models import load_model
 TASKS = ("niah_single_prose", "niah_multikey_prose", "vt")
 
 
+class QuantizedSpec(PolicySpec):
+    """A registry policy followed by ``| KVQuant(bits=...)`` (the ``kvquant_bits`` parameter)."""
+
+    def build(self, n_tokens: int):
+        from kvpress.policies import get_policy
+        from kvpress.quant import KVQuant
+
+        params = dict(self.params)
+        bits = params.pop("kvquant_bits")
+        return get_policy(self.name, **params) | KVQuant(bits=bits)
+
+
 def heat_map(patterns: dict[str, DuoPattern], path: Path) -> None:
     import matplotlib
 
@@ -60,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--length", type=int, default=2000)
     p.add_argument("--samples", type=int, default=5)
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.25, 0.5, 0.75])
-    p.add_argument("--compare-sparsities", nargs="+", type=float, default=[0.5])
+    p.add_argument("--compare-sparsities", nargs="*", type=float, default=[0.5])
+    p.add_argument("--kvquant-bits", type=int, default=None,
+                   help="also run DuoAttention (trained) | KVQuant(bits) at each of --sparsities")
     p.add_argument("--n-sink", type=int, default=16)
     p.add_argument("--window", type=int, default=128)
     p.add_argument("--ppl-tokens", type=int, default=2048)
@@ -110,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     for s in args.sparsities:
         configs.append((f"duo trained s={s:g}", "trained", s, PolicySpec(
             "duo_attention", (("pattern", str(trained_path)), ("sparsity", s), *common))))
+        if args.kvquant_bits:
+            configs.append((f"duo trained s={s:g} | kvquant({args.kvquant_bits})", "trained", s, QuantizedSpec(
+                "duo_attention", (("pattern", str(trained_path)), ("sparsity", s), *common,
+                                  ("kvquant_bits", args.kvquant_bits)))))
     for s in args.compare_sparsities:
         configs.append((f"duo needle s={s:g}", "needle", s, PolicySpec(
             "duo_attention", (("pattern", str(needle_path)), ("sparsity", s), *common))))
