@@ -3,6 +3,7 @@
 from kvpress.policies.adakv import AdaKV
 from kvpress.policies.base import Policy, ScorePolicy, check_int, check_ratio, keep_count, keep_topk
 from kvpress.policies.decoding_budget import DecodingBudget
+from kvpress.policies.duo_attention import DuoAttention
 from kvpress.policies.h2o import H2O
 from kvpress.policies.knorm import KeyNorm
 from kvpress.policies.kvzip import KVzip
@@ -28,6 +29,7 @@ __all__ = [
     "AdaKV",
     "PyramidKV",
     "DecodingBudget",
+    "DuoAttention",
     "available_policies",
     "get_policy",
     "policy_factory",

@@ -43,6 +43,11 @@ class Pipeline(Policy):
                 raise ValueError(f"pipeline stages must be kvpress policies or storage specs, got {stage!r}")
         ragged = [p for p in self.policies if getattr(p, "needs_ragged", False)]
         if ragged and self.storage is not None and not getattr(self.storage, "ragged", False):
+            # Heads in fixed classes (DuoAttention) can hold each class in its own storage instead.
+            splitters = [p for p in ragged if callable(getattr(p, "split_storage", None))]
+            if len(ragged) == 1 and splitters:
+                self.storage = splitters[0].split_storage(self.storage)
+                return
             raise ValueError(
                 f"{type(ragged[0]).__name__} gives heads different lengths and saves memory only in ragged storage; "
                 f"{type(self.storage).__name__} pads every head to the longest, so it cannot hold it ragged"

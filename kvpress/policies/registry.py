@@ -7,6 +7,7 @@ from typing import Any, Callable
 from kvpress.policies.adakv import AdaKV
 from kvpress.policies.base import Policy, ScorePolicy
 from kvpress.policies.decoding_budget import DecodingBudget
+from kvpress.policies.duo_attention import DuoAttention
 from kvpress.policies.h2o import H2O
 from kvpress.policies.knorm import KeyNorm
 from kvpress.policies.kvzip import KVzip
@@ -45,6 +46,15 @@ def _decoding_budget(budget: int, policy: str | ScorePolicy = "snapkv", policy_p
     return DecodingBudget(_scorer(policy, policy_params), budget=budget, interval=interval, window=window)
 
 
+def _duo_attention(pattern: Any = "auto", sparsity: float | None = 0.5, n_sink: int = 16, window: int = 128,
+                  threshold: float | None = None, retrieval_policy: str | Policy | None = None,
+                  retrieval_params: dict[str, Any] | None = None) -> DuoAttention:
+    inner = get_policy(retrieval_policy, **(retrieval_params or {})) if isinstance(retrieval_policy, str) \
+        else retrieval_policy
+    return DuoAttention(pattern=pattern, sparsity=sparsity, n_sink=n_sink, window=window, threshold=threshold,
+                        retrieval_policy=inner)
+
+
 _REGISTRY: dict[str, Callable[..., Any]] = {
     "none": lambda: None,
     "streaming_llm": StreamingLLM,
@@ -58,9 +68,11 @@ _REGISTRY: dict[str, Callable[..., Any]] = {
     "pyramidkv": _pyramidkv,
     "decoding_budget": _decoding_budget,
     "kvquant": _kvquant,
+    "duo_attention": _duo_attention,
 }
 _ALIASES = {"full": "none", "streamingllm": "streaming_llm", "sinks": "streaming_llm", "key_norm": "knorm",
-            "keynorm": "knorm", "heavy_hitters": "h2o", "ada_kv": "adakv", "pyramid_kv": "pyramidkv"}
+            "keynorm": "knorm", "heavy_hitters": "h2o", "ada_kv": "adakv", "pyramid_kv": "pyramidkv",
+            "duo": "duo_attention", "duoattention": "duo_attention"}
 
 
 def register_policy(name: str, factory: Callable[..., Policy | None]) -> None:

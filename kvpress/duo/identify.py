@@ -1,0 +1,326 @@
+"""DuoAttention head identification: optimise one gate per (layer, KV head) with the model frozen.
+
+For the identification run only, every attention layer of the model runs a custom attention function (registered
+with transformers' ``AttentionInterface`` and removed afterwards) whose output per head is
+
+    alpha * full causal attention + (1 - alpha) * attention over the first ``n_sink`` tokens + the last ``window``
+
+with ``alpha = sigmoid(logit[layer, kv_head])`` shared by the query heads of a KV head. The logits are the only
+trainable parameters. Data: synthetic passkey prompts from the evaluation harness's generators (a needle at a random
+depth in local prose, one or several keys; seeds disjoint from evaluation's), each followed by its answer. The loss is
+the relative MSE between the final hidden states of the frozen full-attention model and of the mixed model on the
+answer span, plus ``lam * mean(alpha)`` pushing gates toward streaming. Adam, one prompt per step, deterministic for a
+seed (one thread). Sequences are short (default 640 tokens, sinks/window 16/64, scaled from the paper's long contexts),
+so one step is one forward + backward of the model: minutes on a CPU for SmolLM2-135M.
+
+:func:`identify` returns a :class:`~kvpress.duo.pattern.DuoPattern`; ``method="needle"`` runs the training-free
+identifier of :mod:`kvpress.duo.cheap` instead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from kvpress.duo.pattern import DuoPattern, _model_shape
+from kvpress.scorer.predictor import model_signature
+
+SEED_OFFSET = 20_000  # evaluation samples use seed 0 (the learned scorer 10_000+): identification never shares one
+DATA_TASKS = ("niah_single_prose", "niah_multikey_prose")
+_IMPL = "kvpress_duo_identify"
+
+
+@dataclass
+class IdentifyConfig:
+    """Identification settings (the CLI exposes each field)."""
+
+    method: str = "trained"  # "trained" (gate optimisation) or "needle" (attention on a planted needle)
+    steps: int = 48  # optimisation steps (one prompt each)
+    prompts: int = 16  # distinct prompts, cycled over the steps
+    length: int = 640  # tokens per prompt (prompt + answer budget of the generator)
+    n_sink: int = 16  # sinks of the streaming side of the mix
+    window: int = 64  # recent window of the streaming side
+    lam: float = 0.05  # weight of mean(alpha)
+    lr: float = 0.1  # Adam learning rate on the gate logits
+    init_logit: float = 3.0  # sigmoid(3) = 0.95: every head starts close to full attention
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in ("trained", "needle"):
+            raise ValueError(f"method must be 'trained' or 'needle', got {self.method!r}")
+        for name in ("steps", "prompts", "length", "window"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.n_sink < 0 or self.lam < 0 or self.lr <= 0:
+            raise ValueError("n_sink and lam must be >= 0 and lr > 0")
+
+
+# ------------------------------------------------------------------------------------------------ attention
+class MixState:
+    """What the identification attention does at each layer.
+
+    ``alpha()`` gives ``[layers, kv_heads]`` gates (mode ``"mix"``); ``record`` (mode ``"needle"``) collects, per
+    layer, the attention mass ``[kv_heads]`` that the query rows ``rows`` put on the key columns ``columns``.
+    """
+
+    def __init__(self, n_sink: int, window: int, alpha: Callable[[], torch.Tensor] | None = None,
+                 rows: slice | None = None, columns: torch.Tensor | None = None):
+        self.n_sink, self.window = n_sink, window
+        self.alpha = alpha
+        self.rows, self.columns = rows, columns
+        self.record: dict[int, torch.Tensor] = {}
+        self._masks: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+    def streaming_mask(self, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+        """``[q_len, kv_len]`` bool: causal, and within the first ``n_sink`` keys or the last ``window`` ones."""
+        key = (q_len, kv_len, device)
+        if key not in self._masks:
+            q_pos = torch.arange(kv_len - q_len, kv_len, device=device).unsqueeze(1)
+            k_pos = torch.arange(kv_len, device=device).unsqueeze(0)
+            self._masks[key] = (k_pos <= q_pos) & ((k_pos < self.n_sink) | (q_pos - k_pos < self.window))
+        return self._masks[key]
+
+
+_STATE: dict[int, MixState] = {}  # id(model's attention module) -> state of the running identification
+
+
+def _padding_allowed(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    if attention_mask is None:
+        return None
+    return attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+
+
+def duo_identify_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The model's own SDPA attention, plus (mode ``"mix"``) the alpha-mix with sink + window attention or (mode
+    ``"needle"``) a record of attention on needle columns. With alpha = 1 the output is the model's, bit for bit."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    full, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling,
+                                              dropout=dropout, **kwargs)  # [b, q, heads, d]
+    state = _STATE.get(id(module))
+    if state is None:
+        return full, None
+    layer = module.layer_idx
+    b, heads, q_len, d = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    scaling = d**-0.5 if scaling is None else scaling
+    k = key.repeat_interleave(groups, dim=1)
+    v = value.repeat_interleave(groups, dim=1)
+    if state.alpha is not None:
+        allowed = state.streaming_mask(q_len, k.shape[2], query.device)
+        padding = _padding_allowed(attention_mask)
+        if padding is not None:
+            allowed = allowed & padding
+        stream = F.scaled_dot_product_attention(query, k, v, attn_mask=allowed, scale=scaling).transpose(1, 2)
+        alpha = state.alpha()[layer].to(full.dtype).repeat_interleave(groups).view(1, 1, heads, 1)
+        return alpha * full + (1 - alpha) * stream, None
+    if state.columns is not None and state.rows is not None:
+        with torch.no_grad():
+            q_abs = torch.arange(k.shape[2] - q_len, k.shape[2], device=query.device)[state.rows]
+            logits = query[:, :, state.rows].float() @ k.float().transpose(-1, -2) * scaling
+            causal = torch.arange(k.shape[2], device=query.device).view(1, -1) <= q_abs.view(-1, 1)
+            probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+            mass = probs[..., state.columns].sum(-1).mean(-1)  # [b, heads]
+            mass = mass.view(b, kv_heads, groups).mean((0, 2))
+            state.record[layer] = state.record.get(layer, 0) + mass
+    return full, None
+
+
+@contextmanager
+def identification_attention(model: Any, state: MixState) -> Iterator[None]:
+    """Run ``model``'s attention through :func:`duo_identify_attention` with ``state`` inside the block."""
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        AttentionMaskInterface,
+    )
+    from transformers.modeling_utils import AttentionInterface
+
+    modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")]
+    if not modules:
+        raise ValueError(f"found no attention modules with a layer_idx in {type(model).__name__}")
+    original = model.config._attn_implementation
+    AttentionInterface.register(_IMPL, duo_identify_attention)
+    AttentionMaskInterface.register(_IMPL, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    try:
+        for module in modules:
+            _STATE[id(module)] = state
+        model.set_attn_implementation(_IMPL)
+        yield
+    finally:
+        for module in modules:
+            _STATE.pop(id(module), None)
+        model.set_attn_implementation(original)
+
+
+# ------------------------------------------------------------------------------------------------ data
+@dataclass
+class Example:
+    ids: torch.Tensor  # [1, n] prompt + answer
+    span: slice  # positions whose final hidden states predict the answer tokens
+    needle: torch.Tensor  # token indices of the answer's value inside the context (for the cheap identifier)
+
+
+def _find(haystack: list[int], needle: list[int]) -> int:
+    for i in range(len(haystack) - len(needle), -1, -1):
+        if haystack[i : i + len(needle)] == needle:
+            return i
+    return -1
+
+
+def _needle_columns(tokenizer, sample) -> torch.Tensor:
+    """Indices in ``prefix_ids`` of the tokens of the (first) answer value, found by character offsets."""
+    value = sample.references[0]
+    prefix_ids = list(sample.prefix_ids)
+    try:
+        enc = tokenizer(sample.prefix, add_special_tokens=False, return_offsets_mapping=True)
+        if list(enc.input_ids) == prefix_ids:
+            start = sample.prefix.rfind(value)
+            stop = start + len(value)
+            cols = [i for i, (a, z) in enumerate(enc.offset_mapping) if a < stop and z > start >= 0]
+            if cols:
+                return torch.tensor(cols)
+    except (NotImplementedError, TypeError, ValueError):
+        pass
+    for text in (" " + value, value):
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        at = _find(prefix_ids, ids)
+        if at >= 0:
+            return torch.arange(at, at + len(ids))
+    raise ValueError(f"could not locate the needle value {value!r} in the prompt's tokens")
+
+
+def examples(tokenizer, count: int, length: int, seed: int, tasks: tuple[str, ...] = DATA_TASKS) -> list[Example]:
+    """``count`` passkey prompts with their answers (harness generators, seeds ``seed + 20000``)."""
+    from kvpress.eval.tasks import get_task
+
+    out = []
+    for i in range(count):
+        sample = get_task(tasks[i % len(tasks)]).make_sample(tokenizer, length, seed=seed + SEED_OFFSET, index=i)
+        answer = tokenizer(" " + sample.references[0], add_special_tokens=False).input_ids
+        prompt = list(sample.prefix_ids) + list(sample.suffix_ids)
+        ids = torch.tensor([prompt + answer])
+        out.append(Example(ids, slice(len(prompt) - 1, len(prompt) - 1 + len(answer)),
+                           _needle_columns(tokenizer, sample)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ training
+def _decoder(model: Any) -> Any:
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.model
+
+
+def _final_hidden(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    return _decoder(model)(input_ids=ids, use_cache=False).last_hidden_state
+
+
+def train_gates(model: Any, data: list[Example], cfg: IdentifyConfig, progress: bool = True,
+                log: list[dict[str, float]] | None = None) -> torch.Tensor:
+    """Optimise the gate logits ``[layers, kv_heads]`` (see the module docstring); returns the gates (sigmoid)."""
+    layers, kv_heads = _model_shape(model)
+    torch.manual_seed(cfg.seed)
+    logits = torch.full((layers, kv_heads), float(cfg.init_logit), requires_grad=True)
+    opt = torch.optim.Adam([logits], lr=cfg.lr)
+    frozen = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    state = MixState(cfg.n_sink, cfg.window, alpha=lambda: torch.sigmoid(logits))
+    bar = _progress(cfg.steps, progress)
+    try:
+        for step in range(cfg.steps):
+            example = data[step % len(data)]
+            with torch.no_grad():
+                teacher = _final_hidden(model, example.ids)[:, example.span]
+            with identification_attention(model, state):
+                student = _final_hidden(model, example.ids)[:, example.span]
+            distill = (student - teacher).pow(2).mean() / teacher.pow(2).mean().clamp_min(1e-12)
+            alpha = torch.sigmoid(logits)
+            loss = distill + cfg.lam * alpha.mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sparsity = float((alpha.detach() < 0.5).float().mean())
+            record = {"step": step + 1, "loss": float(loss.detach()), "distill": float(distill.detach()),
+                      "mean_alpha": float(alpha.detach().mean()), "sparsity": sparsity}
+            if log is not None:
+                log.append(record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{record['loss']:.4f}", distill=f"{record['distill']:.4f}",
+                                sparsity=f"{sparsity:.2f}")
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        for p, flag in zip(model.parameters(), frozen):
+            p.requires_grad_(flag)
+    return torch.sigmoid(logits.detach())
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm ships with transformers' dependencies
+        return None
+    return tqdm(total=total, desc="duo identify", unit="step")
+
+
+# ------------------------------------------------------------------------------------------------ entry points
+def identify(model: Any, tokenizer: Any, cfg: IdentifyConfig | None = None, *, model_name: str | None = None,
+             progress: bool = True, log: list[dict[str, float]] | None = None) -> DuoPattern:
+    """Identify retrieval / streaming heads of ``model``: a :class:`DuoPattern` with gates in [0, 1]."""
+    cfg = cfg or IdentifyConfig()
+    start = time.perf_counter()
+    data = examples(tokenizer, cfg.prompts, cfg.length, cfg.seed)
+    if cfg.method == "trained":
+        gates = train_gates(model, data, cfg, progress=progress, log=log)
+        steps = cfg.steps
+        description = (f"{cfg.prompts} passkey prompts of {cfg.length} tokens ({', '.join(DATA_TASKS)}, seeds "
+                       f"{cfg.seed + SEED_OFFSET}), answer span distillation, lam={cfg.lam}, lr={cfg.lr}")
+    else:
+        from kvpress.duo.cheap import needle_scores
+
+        gates = needle_scores(model, data, progress=progress)
+        steps = 0
+        description = (f"attention mass on the needle value from the answer span, {cfg.prompts} passkey prompts of "
+                       f"{cfg.length} tokens ({', '.join(DATA_TASKS)}, seeds {cfg.seed + SEED_OFFSET})")
+    seconds = time.perf_counter() - start
+    text = model.config.get_text_config(decoder=True)
+    meta = {
+        "model": model_name or getattr(text, "_name_or_path", "") or getattr(model, "name_or_path", "?"),
+        "model_signature": model_signature(model.config),
+        "method": cfg.method,
+        "n_sink": cfg.n_sink,
+        "window": cfg.window,
+        "steps": steps,
+        "seed": cfg.seed,
+        "data": description,
+        "seconds": f"{seconds:.1f}",
+        "threads": torch.get_num_threads(),
+        "config": str(asdict(cfg)),
+    }
+    return DuoPattern(gates, meta)
+
+
+def identify_to_file(model_name: str, out: str | Path, cfg: IdentifyConfig | None = None,
+                     progress: bool = True) -> DuoPattern:
+    """Load ``model_name`` (offline), identify its heads and write the pattern file ``out``."""
+    import kvpress
+
+    model, tokenizer = kvpress.load_model(model_name)
+    pattern = identify(model, tokenizer, cfg, model_name=model_name, progress=progress)
+    pattern.save(out)
+    return pattern
+
+
+def overlap(a: DuoPattern, b: DuoPattern, fraction: float = 0.5) -> float:
+    """Fraction of ``a``'s top-``fraction`` retrieval heads that are also among ``b``'s."""
+    top_a, top_b = a.retrieval_heads(fraction), b.retrieval_heads(fraction)
+    return len(top_a & top_b) / max(1, len(top_a))

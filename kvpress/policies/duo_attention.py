@@ -1,0 +1,153 @@
+"""DuoAttention (Xiao et al., 2024): retrieval heads keep the whole cache, streaming heads sinks + a recent window.
+
+Which (layer, KV head) is which comes from a pattern of gates identified on the model (:mod:`kvpress.duo`): the
+``sparsity`` fraction of heads with the lowest gates (over the whole model) are streaming heads, or the heads whose
+gate is below ``threshold``. Applied after every forward (prefill, chunks, each decoding step), so streaming heads
+hold at most ``n_sink + window`` tokens however long the generation; retrieval heads keep every token. Heads of one
+layer then hold different numbers of tokens: the layer is stored ragged (no padding held).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvpress.context import ForwardContext, LayerContext
+from kvpress.policies.base import Policy, check_fraction, check_int
+
+
+class DuoAttention(Policy):
+    """Streaming heads keep the first ``n_sink`` real tokens and the last ``window``; retrieval heads keep all.
+
+    Args:
+        pattern: ``"auto"`` (the pattern shipped for the patched model, e.g. SmolLM2-135M), a path to a pattern file
+            (``kvpress duo identify``), a :class:`~kvpress.duo.DuoPattern`, or a ``[layers, kv_heads]`` gate tensor.
+        sparsity: fraction of all heads made streaming (lowest gates first), in [0, 1].
+        n_sink / window: what a streaming head keeps (``window >= 1``).
+        threshold: instead of ``sparsity``: heads with a gate below it stream.
+        retrieval_policy: optional eviction policy applied to the retrieval heads only (e.g. ``SnapKV(0.5)``);
+            streaming heads keep sinks + window regardless. Policies that evict in ``after_forward`` (KVzip,
+            Learned in ratio mode) are refused.
+
+    Original positions are kept (no repositioning): retrieval heads need them, and a streaming head's window is
+    short. Storage: ragged; with a quantizer (``DuoAttention(...) | KVQuant(bits=4)``) each layer holds its
+    streaming and its retrieval heads in two quantized storages (:mod:`kvpress.storage.head_split`), so no head is
+    padded to the other group's length.
+    """
+
+    name = "duo_attention"
+    needs_ragged = True
+
+    def __init__(
+        self,
+        pattern: Any = "auto",
+        sparsity: float | None = 0.5,
+        n_sink: int = 16,
+        window: int = 128,
+        threshold: float | None = None,
+        retrieval_policy: Policy | None = None,
+    ):
+        if threshold is not None:
+            self.threshold: float | None = check_fraction("threshold", threshold)
+            self.sparsity: float | None = None
+        else:
+            if sparsity is None:
+                raise ValueError("give sparsity (fraction of heads made streaming) or threshold")
+            self.sparsity = check_fraction("sparsity", sparsity)
+            self.threshold = None
+        self.n_sink = check_int("n_sink", n_sink, 0)
+        self.window = check_int("window", window, 1)
+        if retrieval_policy is not None:
+            if not isinstance(retrieval_policy, Policy):
+                raise ValueError(f"retrieval_policy must be a kvpress Policy, got {retrieval_policy!r}")
+            if type(retrieval_policy).after_forward is not Policy.after_forward:
+                raise ValueError(f"{type(retrieval_policy).__name__} evicts after the whole forward (across layers); "
+                                 "DuoAttention's retrieval_policy must decide per layer (SnapKV, KeyNorm, H2O, TOVA...)")
+            if getattr(retrieval_policy, "reposition", False):
+                raise ValueError("retrieval_policy must keep original positions (reposition=False)")
+        self.retrieval_policy = retrieval_policy
+        self.wants_attention_mass = bool(getattr(retrieval_policy, "wants_attention_mass", False))
+        self.pattern_spec = pattern
+        self.pattern = None
+        if not (isinstance(pattern, str) and pattern == "auto"):
+            from kvpress.duo.pattern import as_pattern
+
+            self.pattern = as_pattern(pattern)  # a missing or malformed file fails here, at construction
+        self._streaming: torch.Tensor | None = None
+        if self.pattern is not None:
+            self._streaming = self.pattern.streaming(sparsity=self.sparsity, threshold=self.threshold)
+
+    # -- setup -----------------------------------------------------------------------------------------------
+    def attach(self, model: Any) -> None:
+        from kvpress.duo.pattern import embedded_pattern, load_pattern
+
+        if self.pattern is None:
+            self.pattern = load_pattern(embedded_pattern(model))
+            self._streaming = self.pattern.streaming(sparsity=self.sparsity, threshold=self.threshold)
+        self.pattern.check(model)
+        if self.retrieval_policy is not None:
+            self.retrieval_policy.attach(model)
+
+    @property
+    def streaming_heads(self) -> torch.Tensor:
+        """``[layers, kv_heads]`` bool, True for streaming heads (known once a pattern is loaded)."""
+        if self._streaming is None:
+            raise RuntimeError("DuoAttention(pattern='auto') has no pattern yet: kvpress.patch attaches it to the model")
+        return self._streaming
+
+    # -- policy ----------------------------------------------------------------------------------------------
+    def select(self, ctx: LayerContext) -> torch.Tensor | None:
+        streaming = self.streaming_heads
+        if ctx.layer_idx >= streaming.shape[0] or ctx.num_kv_heads != streaming.shape[1]:
+            raise ValueError(f"the DuoAttention pattern is {tuple(streaming.shape)} (layers, KV heads); layer "
+                             f"{ctx.layer_idx} has {ctx.num_kv_heads} KV heads")
+        inner = self.retrieval_policy.select(ctx) if self.retrieval_policy is not None else None
+        heads = streaming[ctx.layer_idx].to(ctx.positions.device)
+        if not bool(heads.any()) and inner is None:
+            return None
+        valid = ctx.key_valid
+        rank_among_valid = valid.long().cumsum(dim=-1) - 1
+        sinks_and_window = valid & ((rank_among_valid < self.n_sink) | (ctx.positions >= ctx.seq_len - self.window))
+        retrieval = torch.ones_like(valid) if inner is None else inner
+        keep = torch.where(heads.view(1, -1, 1), sinks_and_window, retrieval)
+        if ctx.held is not None:
+            keep = keep & ctx.held
+            if torch.equal(keep, ctx.held):
+                return None
+        elif bool(keep.all()):
+            return None
+        return keep
+
+    def after_forward(self, fwd: ForwardContext) -> None:
+        return None
+
+    def split_storage(self, spec: Any) -> Any:
+        """``spec`` (e.g. a :class:`~kvpress.quant.KVQuant`) wrapped so that each layer holds its streaming heads
+        and its retrieval heads in two storages of that kind: heads are never padded to the other group's length.
+        Called by the pipeline for ``DuoAttention(...) | KVQuant(...)``."""
+        from kvpress.storage.head_split import HeadSplitSpec
+
+        if isinstance(spec, HeadSplitSpec):  # already split (a pipeline re-built from another's stages)
+            return spec
+
+        def groups_of(layer_idx: int) -> list[torch.Tensor]:
+            heads = self.streaming_heads[layer_idx]
+            return [heads.nonzero().flatten(), (~heads).nonzero().flatten()]
+
+        return HeadSplitSpec(spec, groups_of)
+
+    # -- reporting -------------------------------------------------------------------------------------------
+    def params(self) -> dict[str, Any]:
+        spec = self.pattern_spec
+        pattern = str(spec) if isinstance(spec, (str, Path)) else "custom"
+        out: dict[str, Any] = {"pattern": pattern}
+        if self.threshold is not None:
+            out["threshold"] = self.threshold
+        else:
+            out["sparsity"] = self.sparsity
+        out.update(n_sink=self.n_sink, window=self.window)
+        if self.retrieval_policy is not None:
+            out["retrieval_policy"] = repr(self.retrieval_policy)
+        return out

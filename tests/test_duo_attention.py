@@ -1,0 +1,299 @@
+"""DuoAttention: pattern files, the policy (exact sinks + window on streaming heads, everything on retrieval heads,
+ragged storage, prefill / chunks / decode / padded batches), the identification attention and its training."""
+
+import pytest
+import torch
+from tiny_models import left_padded_batch, tiny_model
+
+import kvpress
+from kvpress.compat import cache_kwargs, output_cache
+from kvpress.duo import DuoPattern, load_pattern
+from kvpress.duo.cheap import needle_scores
+from kvpress.duo.identify import (
+    Example,
+    IdentifyConfig,
+    MixState,
+    identification_attention,
+    overlap,
+    train_gates,
+)
+from kvpress.policies import DuoAttention, SnapKV, StreamingLLM, get_policy
+from kvpress.quant import KVQuant
+from kvpress.scorer.predictor import model_signature
+
+# tiny llama: 2 layers x 2 KV heads. Streaming at sparsity 0.5: (layer 0, head 0) and (layer 1, head 1).
+GATES = torch.tensor([[0.1, 0.9], [0.8, 0.2]])
+SINK, WINDOW = 2, 4
+
+
+def _pattern(model=None, gates=GATES):
+    meta = {"model": "tiny"} if model is None else {"model": "tiny", "model_signature": model_signature(model.config)}
+    return DuoPattern(gates.clone(), meta)
+
+
+def _held(cache, layer, row, head):
+    """Sorted absolute positions held by (row, head) of a layer."""
+    view = cache.layers[layer].storage.view()
+    n = view.keys.shape[2] if view.positions is None else view.positions.shape[2]
+    positions = torch.arange(n) if view.positions is None else view.positions[row, head]
+    if view.valid is not None:
+        positions = positions[view.valid[row, head]]
+    return sorted(int(p) for p in positions)
+
+
+def _expect_streaming(first_real, seen):
+    return sorted(set(range(first_real, first_real + SINK)) | set(range(seen - WINDOW, seen)))
+
+
+def _check_heads(cache, seen, first_real=(0,)):
+    for row, start in enumerate(first_real):
+        assert _held(cache, 0, row, 0) == _expect_streaming(start, seen)
+        assert _held(cache, 1, row, 1) == _expect_streaming(start, seen)
+        assert _held(cache, 0, row, 1) == list(range(seen))  # retrieval heads: every token (padding included)
+        assert _held(cache, 1, row, 0) == list(range(seen))
+
+
+# ---------------------------------------------------------------------------------------------- pattern file
+def test_pattern_round_trip_is_exact(tmp_path):
+    gates = torch.rand(5, 3, generator=torch.Generator().manual_seed(0))
+    pattern = DuoPattern(gates, {"model": "m", "seed": 7, "n_sink": 16})
+    loaded = load_pattern(pattern.save(tmp_path / "p.safetensors"))
+    assert torch.equal(loaded.gates, gates) and loaded.gates.dtype == torch.float32
+    assert loaded.metadata["seed"] == "7" and loaded.metadata["n_sink"] == "16" and loaded.metadata["model"] == "m"
+    assert torch.equal(loaded.streaming(sparsity=0.4), pattern.streaming(sparsity=0.4))
+
+
+def test_streaming_selection_by_sparsity_and_threshold():
+    pattern = _pattern()
+    assert pattern.streaming(sparsity=0.5).tolist() == [[True, False], [False, True]]
+    assert pattern.streaming(sparsity=0.0).sum() == 0 and pattern.streaming(sparsity=1.0).all()
+    assert pattern.streaming(sparsity=0.25).tolist() == [[True, False], [False, False]]
+    assert pattern.streaming(threshold=0.85).tolist() == [[True, False], [True, True]]
+    assert pattern.retrieval_heads(0.5) == {(0, 1), (1, 0)}
+    assert overlap(pattern, _pattern(gates=GATES.flip(0))) == 0.0 and overlap(pattern, pattern) == 1.0
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: DuoPattern(torch.ones(4)), ValueError, r"\[layers, kv_heads\]"),
+        (lambda: DuoPattern(torch.full((2, 2), 1.5)), ValueError, r"in \[0, 1\]"),
+        (lambda: DuoAttention(GATES, sparsity=-0.1), ValueError, r"sparsity must be a number in \[0, 1\]"),
+        (lambda: DuoAttention(GATES, sparsity=1.5), ValueError, r"sparsity must be a number in \[0, 1\]"),
+        (lambda: DuoAttention(GATES, window=0), ValueError, "window must be an integer >= 1"),
+        (lambda: DuoAttention(GATES, n_sink=-1), ValueError, "n_sink must be an integer >= 0"),
+        (lambda: DuoAttention("/nonexistent/p.safetensors"), FileNotFoundError, "does not exist"),
+        (lambda: DuoAttention(42), ValueError, "pattern must be"),
+        (lambda: DuoAttention(GATES, retrieval_policy=kvpress.policies.KVzip()), ValueError, "per layer"),
+        (lambda: DuoAttention(GATES) | kvpress.policies.AdaKV(SnapKV()) | KVQuant(bits=4), ValueError, "ragged"),
+    ],
+)
+def test_bad_input_is_a_clear_error(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_not_a_pattern_file(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2, 2)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(ValueError, match="is not a kvpress DuoAttention pattern"):
+        load_pattern(tmp_path / "x.safetensors")
+
+
+def test_pattern_for_another_model_is_refused(tmp_path):
+    model = tiny_model("llama")
+    wrong_shape = DuoPattern(torch.ones(3, 2), {"model": "other"})
+    shape_error = r"identified on other \(layers, KV heads = \(3, 2\)\); this model has \(2, 2\)"
+    with pytest.raises(ValueError, match=shape_error), kvpress.patch(model, DuoAttention(wrong_shape)):
+        pass
+    other = tiny_model("llama", hidden_size=32, intermediate_size=64)
+    path = _pattern(other).save(tmp_path / "p.safetensors")
+    with pytest.raises(ValueError, match="signature"), kvpress.patch(model, DuoAttention(path)):
+        pass
+    with pytest.raises(ValueError, match="no shipped DuoAttention pattern matches"), \
+            kvpress.patch(model, DuoAttention("auto")):
+        pass
+
+
+def test_registry_builds_duo_attention():
+    policy = get_policy("duo", pattern=GATES, sparsity=0.5, n_sink=SINK, window=WINDOW,
+                        retrieval_policy="snapkv", retrieval_params={"compression_ratio": 0.5})
+    assert isinstance(policy, DuoAttention) and isinstance(policy.retrieval_policy, SnapKV)
+    assert policy.params()["sparsity"] == 0.5 and policy.params()["window"] == WINDOW
+
+
+# ---------------------------------------------------------------------------------------------- the policy
+def test_prefill_chunks_and_decode_hold_exact_sinks_window_and_everything():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (1, 21), generator=torch.Generator().manual_seed(0))
+    policy = DuoAttention(_pattern(model), sparsity=0.5, n_sink=SINK, window=WINDOW)
+    with kvpress.patch(model, policy) as session:
+        cache = session.new_cache()  # prefill, then two more chunks
+        for start, stop in [(0, 9), (9, 15), (15, 21)]:
+            out = model(ids[:, start:stop], **cache_kwargs(model, cache), use_cache=True)
+            _check_heads(cache, stop)
+        assert type(cache.layers[0].storage).__name__ == "RaggedStorage"
+        for step in range(6):  # decoding: streaming heads stay at sinks + window
+            out = model(out.logits[:, -1:].argmax(-1), **cache_kwargs(model, cache), use_cache=True)
+            _check_heads(cache, 22 + step)
+        assert [r.tokens_max for r in cache.report()] == [27, 27]
+        assert [r.tokens_min for r in cache.report()] == [SINK + WINDOW] * 2
+
+
+def test_left_padded_batch_through_generate():
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch([14, 9], seed=3)
+    with kvpress.patch(model, DuoAttention(_pattern(model), n_sink=SINK, window=WINDOW)):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                             return_dict_in_generate=True)
+    cache = output_cache(out)
+    seen = cache.get_seq_length()
+    assert seen == 14 + 7
+    _check_heads(cache, seen, first_real=(0, 5))  # row 1's sinks are its first real tokens (positions 5, 6)
+
+
+def test_all_streaming_equals_streaming_llm_and_no_streaming_equals_no_policy():
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch([16, 11], seed=4)
+
+    def run(policy):
+        with kvpress.patch(model, policy):
+            return model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                                  output_logits=True, return_dict_in_generate=True)
+
+    duo_all = run(DuoAttention(_pattern(model), sparsity=1.0, n_sink=SINK, window=WINDOW))
+    streaming = run(StreamingLLM(n_sink=SINK, window=WINDOW, reposition=False))
+    for a, b in zip(duo_all.logits, streaming.logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    plain = run(None)
+    ones = run(DuoAttention(_pattern(model, torch.ones(2, 2)), threshold=0.5, n_sink=SINK, window=WINDOW))
+    zero = run(DuoAttention(_pattern(model), sparsity=0.0, n_sink=SINK, window=WINDOW))
+    for a, b, c in zip(plain.logits, ones.logits, zero.logits):
+        assert torch.equal(a, b) and torch.equal(a, c)  # alpha = 1 everywhere: identical to no policy
+    assert not all(torch.equal(a, b) for a, b in zip(plain.logits, duo_all.logits))
+
+
+def test_retrieval_policy_applies_to_retrieval_heads_only():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (1, 20), generator=torch.Generator().manual_seed(1))
+    policy = DuoAttention(_pattern(model), n_sink=SINK, window=WINDOW, retrieval_policy=SnapKV(compression_ratio=0.5))
+    with kvpress.patch(model, policy) as session:
+        cache = session.new_cache()
+        model(ids, **cache_kwargs(model, cache), use_cache=True)
+    assert len(_held(cache, 0, 0, 1)) == 10 and len(_held(cache, 1, 0, 0)) == 10
+    assert _held(cache, 0, 0, 0) == _expect_streaming(0, 20) and _held(cache, 1, 0, 1) == _expect_streaming(0, 20)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_composes_with_kvquant_each_head_group_in_its_own_quantized_storage(bits):
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(6))
+
+    def run(policy, steps=6):
+        with kvpress.patch(model, policy) as session:
+            cache = session.new_cache()
+            out = model(ids, **cache_kwargs(model, cache), use_cache=True)
+            logits = [out.logits[:, -1]]
+            for _ in range(steps):
+                out = model(out.logits[:, -1:].argmax(-1), **cache_kwargs(model, cache), use_cache=True)
+                logits.append(out.logits[:, -1])
+        return cache, torch.cat(logits)
+
+    duo = DuoAttention(_pattern(model), n_sink=SINK, window=WINDOW)
+    quant = KVQuant(bits=bits, n_sink=2, residual=8, group_size=8)
+    cache_q, logits_q = run(duo | quant)
+    cache_d, logits_d = run(DuoAttention(_pattern(model), n_sink=SINK, window=WINDOW))
+    cache_k, _ = run(KVQuant(bits=bits, n_sink=2, residual=8, group_size=8))
+    for layer in (0, 1):
+        storage = cache_q.layers[layer].storage
+        assert type(storage).__name__ == "HeadSplitStorage"
+        assert {type(p).__name__ for p in storage.parts} == {"QuantizedStorage"}
+    seen = 46
+    assert cache_q.layers[0].storage.lengths().tolist() == [[SINK + WINDOW, seen]]
+    assert cache_q.layers[1].storage.lengths().tolist() == [[seen, SINK + WINDOW]]
+    _check_heads(cache_q, seen)
+    assert cache_q.nbytes() < cache_d.nbytes() and cache_q.nbytes() < cache_k.nbytes()
+    if bits == 8:  # 8-bit codes: the same next tokens' logits as DuoAttention on full-precision storage
+        torch.testing.assert_close(logits_q, logits_d, atol=2e-2, rtol=2e-2)
+    (duo | quant).__or__(None)  # re-composing a split pipeline does not split twice
+    assert type((duo | quant | None).storage).__name__ == "HeadSplitSpec"
+
+
+# ---------------------------------------------------------------------------------------------- identification
+def _examples(n=2, length=24, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, 100, (1, length), generator=gen)
+        out.append(Example(ids, slice(length - 4, length), torch.tensor([5, 6])))
+    return out
+
+
+def test_mix_at_alpha_one_is_the_model_and_a_wide_window_is_full_attention():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (2, 30), generator=torch.Generator().manual_seed(2))
+    plain = model(ids).logits
+    with torch.no_grad(), identification_attention(model, MixState(2, 4, alpha=lambda: torch.ones(2, 2))):
+        ones = model(ids).logits
+    assert torch.equal(plain, ones)
+    with torch.no_grad(), identification_attention(model, MixState(2, 64, alpha=lambda: torch.zeros(2, 2))):
+        wide = model(ids).logits
+    torch.testing.assert_close(wide, plain, rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), identification_attention(model, MixState(2, 4, alpha=lambda: torch.zeros(2, 2))):
+        narrow = model(ids).logits
+    assert not torch.allclose(narrow, plain, atol=1e-3)
+    assert model.config._attn_implementation == "sdpa"  # restored
+
+
+def test_gate_training_is_deterministic_and_moves_the_gates():
+    model = tiny_model("llama")
+    cfg = IdentifyConfig(steps=3, n_sink=2, window=4, lr=0.2, init_logit=2.0, seed=5)
+    first = train_gates(model, _examples(), cfg, progress=False)
+    log = []
+    second = train_gates(model, _examples(), cfg, progress=False, log=log)
+    assert torch.equal(first, second) and first.shape == (2, 2)
+    assert not torch.allclose(first, torch.sigmoid(torch.tensor(2.0)).expand(2, 2))
+    assert [r["step"] for r in log] == [1, 2, 3] and all(r["distill"] > 0 for r in log)
+    assert all(p.requires_grad for p in model.parameters())  # trainable flags restored
+
+
+def test_needle_scores_rank_heads_in_unit_range():
+    model = tiny_model("llama")
+    gates = needle_scores(model, _examples(3))
+    assert gates.shape == (2, 2) and float(gates.max()) == 1.0 and float(gates.min()) >= 0.0
+
+
+# ---------------------------------------------------------------------------------------------- SmolLM2
+@pytest.mark.slow
+def test_shipped_smollm2_pattern_holds_at_most_055_of_the_bytes_at_sparsity_half(smollm2):
+    from kvpress.duo.pattern import embedded_pattern
+    from kvpress.eval.perplexity import load_text, tokenize_text
+
+    model, tokenizer = smollm2
+    pattern = load_pattern(embedded_pattern(model))
+    pattern.check(model)
+    assert pattern.metadata["method"] == "trained" and (pattern.num_layers, pattern.kv_heads) == (30, 3)
+    ids = tokenize_text(tokenizer, load_text(None)[0], max_tokens=2000)
+    n = ids.shape[1]
+    policy = DuoAttention("auto", sparsity=0.5, n_sink=16, window=128)
+    with torch.no_grad(), kvpress.patch(model, policy) as session:
+        cache = session.new_cache()
+        model(ids, **cache_kwargs(model, cache), use_cache=True)
+    full = 30 * 3 * n * 64 * 2 * 4  # float32 keys + values of every token, every layer and KV head
+    assert int(policy.streaming_heads.sum()) == 45
+    lengths = torch.stack([cache.layers[i].storage.lengths()[0] for i in range(30)])
+    assert torch.equal(lengths, torch.where(policy.streaming_heads, 16 + 128, n))
+    assert cache.nbytes() <= 0.55 * full
+
+
+def test_cli_parses_identify_and_prints_pattern_info(tmp_path, capsys):
+    from kvpress.cli import build_parser, main
+
+    args = build_parser().parse_args(["duo", "identify", "--out", "p.safetensors", "--method", "needle", "--seed", "3",
+                                      "--steps", "5", "--window", "32"])
+    assert (args.method, args.seed, args.steps, args.window, args.model) == ("needle", 3, 5, 32, "smollm2-135m")
+    path = _pattern(gates=GATES).save(tmp_path / "p.safetensors")
+    assert main(["duo", "info", str(path), "--sparsity", "0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "format: kvpress-duo-pattern/1" in printed and "0.100*" in printed and "0.900 " in printed
