@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from kvpress.scorer.predictor import model_signature
+from kvpress.scorer.predictor import model_signature, shipped_for
 
 PATTERN_DIR = Path(__file__).parent / "patterns"
 FORMAT = "kvpress-duo-pattern/1"
@@ -137,13 +137,10 @@ def load_pattern(path: str | Path) -> DuoPattern:
 
 def embedded_pattern(model: Any) -> Path:
     """Path of the pattern shipped for ``model`` (matched by model signature); raises if none ships for it."""
-    from safetensors import safe_open
-
     signature = model_signature(getattr(model, "config", model))
-    for path in sorted(PATTERN_DIR.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            if (handle.metadata() or {}).get("model_signature") == signature:
-                return path
+    found = shipped_for(PATTERN_DIR, "*.safetensors", signature)
+    if found is not None:
+        return found
     shipped = sorted(p.name for p in PATTERN_DIR.glob("*.safetensors"))
     raise ValueError(
         f"no shipped DuoAttention pattern matches this model (signature {signature}; shipped: {shipped or 'none'}); "

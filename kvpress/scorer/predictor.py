@@ -38,6 +38,17 @@ def model_signature(config: Any) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def shipped_for(directory: Path, glob: str, signature: str) -> Path | None:
+    """The first ``directory/glob`` safetensors file whose metadata names ``signature``, else ``None``."""
+    from safetensors import safe_open
+
+    for path in sorted(directory.glob(glob)):
+        with safe_open(str(path), framework="pt") as handle:
+            if (handle.metadata() or {}).get("model_signature") == signature:
+                return path
+    return None
+
+
 class ScorePredictor(nn.Module):
     """Per-layer score predictors, stacked: ``forward(layer, hidden) -> [batch, kv_heads, seq]``."""
 
@@ -123,12 +134,9 @@ def embedded_predictor(model: Any, kind: str = "mlp") -> Path:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     signature = model_signature(model.config)
-    for path in sorted(PREDICTOR_DIR.glob(f"*-{kind}.safetensors")):
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            if (handle.metadata() or {}).get("model_signature") == signature:
-                return path
+    found = shipped_for(PREDICTOR_DIR, f"*-{kind}.safetensors", signature)
+    if found is not None:
+        return found
     shipped = sorted(p.name for p in PREDICTOR_DIR.glob("*.safetensors"))
     raise ValueError(
         f"no shipped {kind} predictor matches this model (signature {signature}; shipped: {shipped or 'none'}); "
