@@ -84,6 +84,8 @@ def test_streaming_selection_by_sparsity_and_threshold():
         (lambda: DuoAttention(GATES, n_sink=-1), ValueError, "n_sink must be an integer >= 0"),
         (lambda: DuoAttention("/nonexistent/p.safetensors"), FileNotFoundError, "does not exist"),
         (lambda: DuoAttention(42), ValueError, "pattern must be"),
+        (lambda: IdentifyConfig(loss="l1"), ValueError, "loss must be"),
+        (lambda: IdentifyConfig(method="x"), ValueError, "method must be"),
         (lambda: DuoAttention(GATES, retrieval_policy=kvpress.policies.KVzip()), ValueError, "per layer"),
         (lambda: DuoAttention(GATES) | kvpress.policies.AdaKV(SnapKV()) | KVQuant(bits=4), ValueError, "ragged"),
     ],
@@ -246,9 +248,10 @@ def test_mix_at_alpha_one_is_the_model_and_a_wide_window_is_full_attention():
     assert model.config._attn_implementation == "sdpa"  # restored
 
 
-def test_gate_training_is_deterministic_and_moves_the_gates():
+@pytest.mark.parametrize("loss", ["hidden", "kl"])
+def test_gate_training_is_deterministic_and_moves_the_gates(loss):
     model = tiny_model("llama")
-    cfg = IdentifyConfig(steps=3, n_sink=2, window=4, lr=0.2, init_logit=2.0, seed=5)
+    cfg = IdentifyConfig(steps=3, n_sink=2, window=4, lr=0.2, init_logit=2.0, seed=5, loss=loss)
     first = train_gates(model, _examples(), cfg, progress=False)
     log = []
     second = train_gates(model, _examples(), cfg, progress=False, log=log)

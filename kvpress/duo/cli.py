@@ -22,6 +22,8 @@ def add_subcommand(subparsers) -> None:
         ident.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     for name in ("lam", "lr", "init_logit"):
         ident.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
+    ident.add_argument("--loss", choices=["hidden", "kl"], default=defaults.loss,
+                       help="hidden: relative MSE of final hidden states; kl: KL of the answer-token distributions")
     ident.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ident.add_argument("--log", default=None, help="write the per-step loss / sparsity log here (JSON)")
     ident.add_argument("--no-progress", action="store_true")

@@ -51,8 +51,11 @@ class IdentifyConfig:
     lr: float = 0.1  # Adam learning rate on the gate logits
     init_logit: float = 3.0  # sigmoid(3) = 0.95: every head starts close to full attention
     seed: int = 0
+    loss: str = "hidden"  # "hidden": relative MSE of final hidden states; "kl": KL of the answer-token distributions
 
     def __post_init__(self) -> None:
+        if self.loss not in ("hidden", "kl"):
+            raise ValueError(f"loss must be 'hidden' or 'kl', got {self.loss!r}")
         if self.method not in ("trained", "needle"):
             raise ValueError(f"method must be 'trained' or 'needle', got {self.method!r}")
         for name in ("steps", "prompts", "length", "window"):
@@ -221,6 +224,16 @@ def _final_hidden(model: Any, ids: torch.Tensor) -> torch.Tensor:
     return _decoder(model)(input_ids=ids, use_cache=False).last_hidden_state
 
 
+def _distillation(model: Any, student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
+    """Distance between the mixed model's and the full model's final hidden states on the answer span."""
+    if kind == "hidden":
+        return (student - teacher).pow(2).mean() / teacher.pow(2).mean().clamp_min(1e-12)
+    head = model.get_output_embeddings()
+    log_p = head(teacher).float().log_softmax(-1)
+    log_q = head(student).float().log_softmax(-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
 def train_gates(model: Any, data: list[Example], cfg: IdentifyConfig, progress: bool = True,
                 log: list[dict[str, float]] | None = None) -> torch.Tensor:
     """Optimise the gate logits ``[layers, kv_heads]`` (see the module docstring); returns the gates (sigmoid)."""
@@ -239,7 +252,7 @@ def train_gates(model: Any, data: list[Example], cfg: IdentifyConfig, progress: 
                 teacher = _final_hidden(model, example.ids)[:, example.span]
             with identification_attention(model, state):
                 student = _final_hidden(model, example.ids)[:, example.span]
-            distill = (student - teacher).pow(2).mean() / teacher.pow(2).mean().clamp_min(1e-12)
+            distill = _distillation(model, student, teacher, cfg.loss)
             alpha = torch.sigmoid(logits)
             loss = distill + cfg.lam * alpha.mean()
             opt.zero_grad(set_to_none=True)
@@ -283,7 +296,8 @@ def identify(model: Any, tokenizer: Any, cfg: IdentifyConfig | None = None, *, m
         gates = train_gates(model, data, cfg, progress=progress, log=log)
         steps = cfg.steps
         description = (f"{cfg.prompts} passkey prompts of {cfg.length} tokens ({', '.join(DATA_TASKS)}, seeds "
-                       f"{cfg.seed + SEED_OFFSET}), answer span distillation, lam={cfg.lam}, lr={cfg.lr}")
+                       f"{cfg.seed + SEED_OFFSET}), answer span distillation ({cfg.loss}), lam={cfg.lam}, "
+                       f"lr={cfg.lr}")
     else:
         from kvpress.duo.cheap import needle_scores
 
