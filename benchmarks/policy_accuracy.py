@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             overhead[label] = paired_ratio(model, prompt, OVERHEAD_POLICIES[label], cfg["overhead_reps"])
             print(f"{label}: prefill time x{overhead[label]:.2f}", flush=True)
     for r in records:
-        r["policy_time_ratio"] = overhead.get(r["policy"])
+        if overhead or "policy_time_ratio" not in r:  # --combine --no-overhead keeps ratios measured earlier
+            r["policy_time_ratio"] = overhead.get(r["policy"])
 
     table = summarize(records, cfg["modes"], args.tasks)
     print(table)
@@ -201,7 +202,18 @@ def _combined(paths: list[Path], length: int) -> tuple[list[dict], dict, list[st
             raise SystemExit(f"--combine: {p} differs from {paths[0]} in length, ratios or samples")
     if first["length"] != length:
         raise SystemExit(f"--combine: the runs used --length {first['length']}, not {length}")
-    records = [r for run in runs for r in run["records"]]
+    records: list[dict] = []
+    seen: dict[tuple, dict] = {}
+    for p, run in zip(paths, runs):
+        for r in run["records"]:
+            # Every partial run scores the uncompressed baseline of its tasks: keep one row per cell.
+            key = (r["policy"], r["compression_ratio"], r.get("threshold"), r["task"], r["mode"])
+            if key in seen:
+                if seen[key]["sample_scores"] != r["sample_scores"]:
+                    raise SystemExit(f"--combine: {p} scores {key} differently from an earlier file")
+                continue
+            seen[key] = r
+            records.append(r)
     tasks = list(dict.fromkeys(r["task"] for r in records))
     modes = list(dict.fromkeys(r["mode"] for r in records))
     policies = [p for p in dict.fromkeys(r["policy"] for r in records) if p != "none"]

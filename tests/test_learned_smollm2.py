@@ -20,10 +20,11 @@ def _full_bytes_per_token(model) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * itemsize
 
 
-def test_shipped_predictor_works_out_of_the_box_at_ratio_half(smollm2):
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
+def test_shipped_predictor_works_out_of_the_box_at_ratio_half(smollm2, kind):
     model, tokenizer = smollm2
     ids, answer = build_prompt(tokenizer, 1500, 0.4, seed=3)
-    with kvpress.patch(model, get_policy("learned", compression_ratio=0.5)):
+    with kvpress.patch(model, get_policy("learned", kind=kind, compression_ratio=0.5)):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
                              return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
     text = tokenizer.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True)
