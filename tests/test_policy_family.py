@@ -360,6 +360,9 @@ def test_registry_builds_every_family_member_by_name():
     assert isinstance(ada, AdaKV) and ada.scorer.window == 8 and ada.compression_ratio == 0.5
     db = get_policy("decoding_budget", policy="h2o", budget=64, interval=8)
     assert isinstance(db, DecodingBudget) and isinstance(db.policy, H2O)
+    assert db.policy.compression_ratio == 0.0  # by name the inner policy only scores: the budget sets the size
+    own = get_policy("decoding_budget", policy="snapkv", policy_params={"compression_ratio": 0.25}, budget=64)
+    assert own.policy.compression_ratio == 0.25
     assert isinstance(get_policy("pyramidkv", compression_ratio=0.25), PyramidKV)
     assert isinstance(get_policy("kvzip", compression_ratio=0.5, scope="layer"), KVzip)
 

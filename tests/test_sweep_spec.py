@@ -201,3 +201,21 @@ def test_report_helpers(tmp_path):
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="no <!-- kvpress-leaderboard:start -->"):
         update_readme(readme, "t", source="x")
+
+
+def test_headline_never_averages_accuracy_bytes_with_perplexity_peaks():
+    """Accuracy tasks hold the compressed context, chunked perplexity reports its peak: separate columns."""
+    from kvpress.sweep.report import headline_table
+
+    def row(task, family, ratio, frac, higher):
+        return {"task": task, "family": family, "policy": family if ratio is None else f"{family}(r={ratio})",
+                "ratio": ratio, "pct_of_full": 90.0, "kv_fraction": frac, "higher_is_better": higher,
+                "score": 1.0}
+
+    rows = [row("niah", "kvzip", 0.5, 0.50, True), row("perplexity", "kvzip", 0.5, 0.90, False),
+            row("niah", "kvquant", None, 0.30, True), row("perplexity", "kvquant", None, 0.34, False)]
+    table = headline_table(rows)
+    kvzip_line = next(line for line in table.splitlines() if line.startswith("| `kvzip`"))
+    assert kvzip_line.endswith("| 50 | 90 |"), kvzip_line
+    quant_line = next(line for line in table.splitlines() if line.startswith("| `kvquant`"))
+    assert quant_line.endswith("| 30.0 | 34.0 |"), quant_line

@@ -43,7 +43,11 @@ def _pyramidkv(scorer: str | ScorePolicy = "snapkv", scorer_params: dict[str, An
 
 def _decoding_budget(budget: int, policy: str | ScorePolicy = "snapkv", policy_params: dict[str, Any] | None = None,
                      interval: int = 1, window: int = 16) -> DecodingBudget:
-    return DecodingBudget(_scorer(policy, policy_params), budget=budget, interval=interval, window=window)
+    params = dict(policy_params or {})
+    if isinstance(policy, str) and not {"compression_ratio", "budget"} & params.keys():
+        # By name, the inner policy only scores: the budget sets the size (its own default ratio would also cut).
+        params["compression_ratio"] = 0.0
+    return DecodingBudget(_scorer(policy, params), budget=budget, interval=interval, window=window)
 
 
 def _duo_attention(pattern: Any = "auto", sparsity: float | None = 0.5, n_sink: int = 16, window: int = 128,

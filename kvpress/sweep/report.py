@@ -190,27 +190,37 @@ def headline_table(rows: Sequence[dict[str, Any]]) -> str:
     if ratios and ratio_fams:
         head = "| policy | " + " | ".join(f"r={x:g}" for x in ratios)
         head += (" | " + " | ".join(f"ppl r={x:g}" for x in ratios) if ppl else "") + " | KV held % at each r |"
-        lines += [head, "|---|" + "---:|" * (len(ratios) * (2 if ppl else 1) + 1)]
+        head += " ppl: peak KV held % |" if ppl else ""
+        lines += [head, "|---|" + "---:|" * (len(ratios) * (2 if ppl else 1) + (2 if ppl else 1))]
         for fam in ratio_fams:
             cells = [mean([r["pct_of_full"] for r in acc if r["family"] == fam and r["ratio"] == x]) for x in ratios]
             pcells = [mean([r["pct_of_full"] for r in ppl if r["family"] == fam and r["ratio"] == x]) for x in ratios]
-            held = [mean([r["kv_fraction"] for r in rows if r["family"] == fam and r["ratio"] == x]) for x in ratios]
-            held_text = " / ".join(_f(None if h is None else 100 * h, 0) for h in held)
+            # Accuracy tasks hold the compressed context; chunked perplexity reports its peak: never averaged together.
+            held_text = _held_per_ratio(acc or rows, fam, ratios, mean)
             lines.append(f"| {_code(fam)} | " + " | ".join(_f(c) for c in cells)
-                         + (" | " + " | ".join(_f(c) for c in pcells) if ppl else "") + f" | {held_text} |")
+                         + (" | " + " | ".join(_f(c) for c in pcells) if ppl else "") + f" | {held_text} |"
+                         + (f" {_held_per_ratio(ppl, fam, ratios, mean)} |" if ppl else ""))
     fixed = [f for f in fam_order if f not in ratio_fams]
     if fixed:
-        lines += ["", "| configuration | % of full (accuracy) | % of full (perplexity) | KV held % |", "|---|---:|---:|---:|"]
+        lines += ["", "| configuration | % of full (accuracy) | % of full (perplexity) | KV held % | ppl: peak KV held % |",
+                  "|---|---:|---:|---:|---:|"]
         for fam in fixed:
-            held = mean([r["kv_fraction"] for r in rows if r["family"] == fam])
+            held = mean([r["kv_fraction"] for r in acc or rows if r["family"] == fam])
+            peak = mean([r["kv_fraction"] for r in ppl if r["family"] == fam])
             lines.append(f"| {_code(fam)} | {_f(mean([r['pct_of_full'] for r in acc if r['family'] == fam]))} | "
                          f"{_f(mean([r['pct_of_full'] for r in ppl if r['family'] == fam]))} | "
-                         f"{_f(None if held is None else 100 * held)} |")
+                         f"{_f(None if held is None else 100 * held)} | {_f(None if peak is None else 100 * peak)} |")
     full_scores = [r for r in rows if r["policy"] == "none"]
     if full_scores:
         lines += ["", "Uncompressed: " + ", ".join(
             f"{r['task']} {_f(r['score'], 2 if not r['higher_is_better'] else 1)}" for r in full_scores) + "."]
     return "\n".join(lines)
+
+
+def _held_per_ratio(rows: Sequence[dict[str, Any]], family: str, ratios: list[float], mean) -> str:
+    """``"76 / 50 / 25"``: mean % of the uncompressed cache's bytes held by ``family`` at each ratio."""
+    held = [mean([r["kv_fraction"] for r in rows if r["family"] == family and r["ratio"] == x]) for x in ratios]
+    return " / ".join(_f(None if h is None else 100 * h, 0) for h in held)
 
 
 def times_table(rows: Sequence[dict[str, Any]]) -> str:
