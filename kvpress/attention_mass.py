@@ -78,21 +78,15 @@ def attention_with_mass(
         elif allowed is not None:
             allowed = allowed.reshape(batch * kv_heads, 1, n, seq)
             blocks.masked_fill_(~allowed, float("-inf"))
-        peak = logits.amax(-1, keepdim=True)
-        if causal_from is None:  # a query may have no allowed key at all (padding): its row is all -inf
-            peak.nan_to_num_(0.0, neginf=0.0)
-        probs = logits.sub_(peak).exp_()
-        weights = probs.sum(-1, keepdim=True)
-        if causal_from is None:
-            weights = torch.where(weights > 0, weights.reciprocal(), torch.zeros_like(weights))  # padding: nothing
-        else:
-            weights.reciprocal_()
-        chunk_out = torch.bmm(probs, v[:, :width]).mul_(weights)
+        probs = torch.softmax(logits, dim=-1)  # one fused pass (max, exp, sum, scale) instead of four
+        if causal_from is None:  # a query with no allowed key at all (padding) gives NaN: it attends to nothing
+            probs.nan_to_num_(0.0)
+        chunk_out = torch.bmm(probs, v[:, :width])
         out[:, :, start:stop] = chunk_out.view(batch * kv_heads, groups, n, -1)
         if reduce == "sum":
-            mass[..., :width] += torch.bmm(weights.transpose(1, 2), probs)
+            mass[..., :width] += probs.sum(dim=1, keepdim=True)
         else:
-            torch.maximum(mass[..., :width], probs.mul_(weights).amax(dim=1, keepdim=True), out=mass[..., :width])
+            torch.maximum(mass[..., :width], probs.amax(dim=1, keepdim=True), out=mass[..., :width])
     out = out.reshape(batch, q_heads, q_len, -1)
     if view.value_rotation is not None:
         out = out @ view.value_rotation.float().transpose(-1, -2)
