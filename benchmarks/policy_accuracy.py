@@ -105,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="evaluate nothing: merge the records of these JSON files, measure overhead, write --out")
     args = p.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
+    default_tasks = cfg.pop("tasks", TASKS)  # --quick leaves out vt
     if args.tasks is None:
-        args.tasks = cfg.pop("tasks", TASKS)
-    cfg.pop("tasks", None)
+        args.tasks = default_tasks
     for key in ("samples", "ratios", "modes"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)

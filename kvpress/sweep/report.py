@@ -158,10 +158,9 @@ def task_tables(rows: Sequence[dict[str, Any]]) -> str:
                   "| policy | ratio | score | ±95% | % of full | KV held % | KV MiB | samples | empty |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in members:
-            frac = None if r["kv_fraction"] is None else 100 * r["kv_fraction"]
             lines.append(
                 f"| {_code(r['policy'])} | {_ratio(r['ratio'])} | {_f(r['score'], 2 if lower else 1)} | {_f(r['ci95'])} "
-                f"| {_f(r['pct_of_full'])} | {_f(frac)} | {_f(r['kv_mib'], 2)} | {r['n_samples']} "
+                f"| {_f(r['pct_of_full'])} | {_pct(r['kv_fraction'])} | {_f(r['kv_mib'], 2)} | {r['n_samples']} "
                 f"| {r['empty_answers'] if not lower else '-'} |"
             )
     return "\n".join(lines).lstrip("\n")
@@ -179,10 +178,6 @@ def headline_table(rows: Sequence[dict[str, Any]]) -> str:
         if r["family"] not in fam_order and r["family"] != "none":
             fam_order.append(r["family"])
 
-    def mean(values):
-        values = [v for v in values if v is not None]
-        return sum(values) / len(values) if values else None
-
     lines = [f"Mean % of the uncompressed score over {', '.join(tasks) or 'no accuracy task'}"
              + (" (perplexity: 100 x full ppl / ppl)" if ppl else "") + "; KV held: % of the uncompressed cache's bytes.",
              ""]
@@ -191,25 +186,25 @@ def headline_table(rows: Sequence[dict[str, Any]]) -> str:
         head = "| policy | " + " | ".join(f"r={x:g}" for x in ratios)
         head += (" | " + " | ".join(f"ppl r={x:g}" for x in ratios) if ppl else "") + " | KV held % at each r |"
         head += " ppl: peak KV held % |" if ppl else ""
-        lines += [head, "|---|" + "---:|" * (len(ratios) * (2 if ppl else 1) + (2 if ppl else 1))]
+        lines += [head, "|---|" + "---:|" * ((len(ratios) + 1) * (2 if ppl else 1))]
         for fam in ratio_fams:
-            cells = [mean([r["pct_of_full"] for r in acc if r["family"] == fam and r["ratio"] == x]) for x in ratios]
-            pcells = [mean([r["pct_of_full"] for r in ppl if r["family"] == fam and r["ratio"] == x]) for x in ratios]
+            cells = [_mean([r["pct_of_full"] for r in acc if r["family"] == fam and r["ratio"] == x]) for x in ratios]
+            pcells = [_mean([r["pct_of_full"] for r in ppl if r["family"] == fam and r["ratio"] == x]) for x in ratios]
             # Accuracy tasks hold the compressed context; chunked perplexity reports its peak: never averaged together.
-            held_text = _held_per_ratio(acc or rows, fam, ratios, mean)
+            held_text = _held_per_ratio(acc or rows, fam, ratios)
             lines.append(f"| {_code(fam)} | " + " | ".join(_f(c) for c in cells)
                          + (" | " + " | ".join(_f(c) for c in pcells) if ppl else "") + f" | {held_text} |"
-                         + (f" {_held_per_ratio(ppl, fam, ratios, mean)} |" if ppl else ""))
+                         + (f" {_held_per_ratio(ppl, fam, ratios)} |" if ppl else ""))
     fixed = [f for f in fam_order if f not in ratio_fams]
     if fixed:
         lines += ["", "| configuration | % of full (accuracy) | % of full (perplexity) | KV held % | ppl: peak KV held % |",
                   "|---|---:|---:|---:|---:|"]
         for fam in fixed:
-            held = mean([r["kv_fraction"] for r in acc or rows if r["family"] == fam])
-            peak = mean([r["kv_fraction"] for r in ppl if r["family"] == fam])
-            lines.append(f"| {_code(fam)} | {_f(mean([r['pct_of_full'] for r in acc if r['family'] == fam]))} | "
-                         f"{_f(mean([r['pct_of_full'] for r in ppl if r['family'] == fam]))} | "
-                         f"{_f(None if held is None else 100 * held)} | {_f(None if peak is None else 100 * peak)} |")
+            held = _mean([r["kv_fraction"] for r in acc or rows if r["family"] == fam])
+            peak = _mean([r["kv_fraction"] for r in ppl if r["family"] == fam])
+            lines.append(f"| {_code(fam)} | {_f(_mean([r['pct_of_full'] for r in acc if r['family'] == fam]))} | "
+                         f"{_f(_mean([r['pct_of_full'] for r in ppl if r['family'] == fam]))} | "
+                         f"{_pct(held)} | {_pct(peak)} |")
     full_scores = [r for r in rows if r["policy"] == "none"]
     if full_scores:
         lines += ["", "Uncompressed: " + ", ".join(
@@ -217,10 +212,19 @@ def headline_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _held_per_ratio(rows: Sequence[dict[str, Any]], family: str, ratios: list[float], mean) -> str:
+def _mean(values: Sequence[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _pct(fraction: float | None, digits: int = 1) -> str:
+    return _f(None if fraction is None else 100 * fraction, digits)
+
+
+def _held_per_ratio(rows: Sequence[dict[str, Any]], family: str, ratios: list[float]) -> str:
     """``"76 / 50 / 25"``: mean % of the uncompressed cache's bytes held by ``family`` at each ratio."""
-    held = [mean([r["kv_fraction"] for r in rows if r["family"] == family and r["ratio"] == x]) for x in ratios]
-    return " / ".join(_f(None if h is None else 100 * h, 0) for h in held)
+    return " / ".join(_pct(_mean([r["kv_fraction"] for r in rows if r["family"] == family and r["ratio"] == x]), 0)
+                      for x in ratios)
 
 
 def times_table(rows: Sequence[dict[str, Any]]) -> str:
