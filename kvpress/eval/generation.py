@@ -24,6 +24,7 @@ import kvpress
 from kvpress.compat import cache_kwargs
 from kvpress.context import LayerContext
 from kvpress.policies import Policy, ScorePolicy
+from kvpress.policies.base import SIZE_PARAMETERS
 from kvpress.policies.global_budget import GlobalScorePolicy
 
 MODES = ("query-agnostic", "query-aware")
@@ -131,7 +132,7 @@ def fanout_key(policy: Any) -> tuple | None:
     """Policies with equal keys score tokens identically (they differ only in ratio or budget)."""
     if not supports_fanout(policy):
         return None
-    params = {k: v for k, v in policy.params().items() if k not in ("compression_ratio", "budget")}
+    params = {k: v for k, v in policy.params().items() if k not in SIZE_PARAMETERS}
     return (type(policy), tuple(sorted((k, repr(v)) for k, v in params.items())))
 
 

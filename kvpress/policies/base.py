@@ -11,6 +11,9 @@ import torch
 
 from kvpress.context import ForwardContext, LayerContext
 
+# The parameters through which a policy is sized (how much it keeps); everything else says how it scores.
+SIZE_PARAMETERS: tuple[str, ...] = ("compression_ratio", "budget")
+
 
 class Policy(ABC):
     """An eviction policy. Implement :meth:`select`; everything else is optional.

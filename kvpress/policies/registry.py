@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from kvpress.policies.adakv import AdaKV
-from kvpress.policies.base import Policy, ScorePolicy
+from kvpress.policies.base import SIZE_PARAMETERS, Policy, ScorePolicy
 from kvpress.policies.decoding_budget import DecodingBudget
 from kvpress.policies.duo_attention import DuoAttention
 from kvpress.policies.h2o import H2O
@@ -44,7 +44,7 @@ def _pyramidkv(scorer: str | ScorePolicy = "snapkv", scorer_params: dict[str, An
 def _decoding_budget(budget: int, policy: str | ScorePolicy = "snapkv", policy_params: dict[str, Any] | None = None,
                      interval: int = 1, window: int = 16) -> DecodingBudget:
     params = dict(policy_params or {})
-    if isinstance(policy, str) and not {"compression_ratio", "budget"} & params.keys():
+    if isinstance(policy, str) and not set(SIZE_PARAMETERS) & params.keys():
         # By name, the inner policy only scores: the budget sets the size (its own default ratio would also cut).
         params["compression_ratio"] = 0.0
     return DecodingBudget(_scorer(policy, params), budget=budget, interval=interval, window=window)

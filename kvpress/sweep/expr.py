@@ -28,11 +28,10 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from kvpress.policies import Pipeline, available_policies, get_policy
+from kvpress.policies.base import SIZE_PARAMETERS
 from kvpress.policies.registry import canonical_policy_name, policy_factory
 
 BASELINE = "none"
-# Parameters through which a stage is already sized: the sweep's ratio axis leaves such a stage alone.
-SIZE_PARAMETERS = ("compression_ratio", "budget")
 
 
 class SpecError(ValueError):
