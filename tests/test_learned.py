@@ -71,6 +71,23 @@ def test_training_a_few_steps_runs_and_is_deterministic(arch):
     assert linear.kind == "linear"
 
 
+def test_teacher_cache_gives_the_same_predictor_without_running_the_teacher_again(tmp_path, monkeypatch):
+    from kvpress.policies.kvzip import KVzip
+
+    model, tok = _tiny("llama"), byte_tokenizer()
+    cfg = TrainConfig(kind="linear", sequences=2, held_out=1, length=1100)
+    a = train(model, tok, cfg, progress=False, log=lambda _: None, teacher_cache=tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3
+
+    def no_teacher(self, fwd):
+        raise AssertionError("the teacher ran although its scores were cached")
+
+    monkeypatch.setattr(KVzip, "prefill_scores", no_teacher)
+    b = train(model, tok, cfg, progress=False, log=lambda _: None, teacher_cache=tmp_path)
+    for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(x, y), name
+
+
 def _ctx(hidden, positions, valid, seq_len, state=None):
     b, h, s = positions.shape
     keys = torch.zeros(b, h, s, 4)

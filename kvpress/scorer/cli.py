@@ -22,6 +22,9 @@ def add_subcommand(subparsers) -> None:
     for name in ("eps", "ridge", "lr"):
         train.add_argument(f"--{name}", type=float, default=getattr(defaults, name))
     train.add_argument("--text-file", default=None, help="prose for the data (default: pydoc_data.topics)")
+    train.add_argument("--teacher-cache", default=None, metavar="DIR",
+                       help="keep the teacher's scores here and reuse them in later runs (they do not depend on the "
+                            "fitting settings)")
     train.add_argument("--no-progress", action="store_true")
     train.set_defaults(func=_train)
     info = sub.add_parser("info", help="print a predictor file's metadata and held-out metrics")
@@ -35,7 +38,8 @@ def _train(args: argparse.Namespace) -> int:
 
     names = {f.name for f in fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
-    predictor = train_to_file(args.model, args.out, cfg, progress=not args.no_progress)
+    predictor = train_to_file(args.model, args.out, cfg, progress=not args.no_progress,
+                              teacher_cache=args.teacher_cache)
     print(f"wrote {args.out} ({predictor.kind}, {predictor.num_layers} layers)")
     return 0
 

@@ -20,6 +20,7 @@ at ratio 0.5 (global budget) between predictor and teacher.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -90,11 +91,11 @@ def training_prompts(tokenizer, count: int, length: int, seed: int, text_file: s
 
 class _TeacherRecorder(Policy):
     """At prefill: keeps each layer's attention input (``[seq, hidden]``) and, after the forward, the teacher's
-    scores over positions; evicts nothing."""
+    scores over positions (unless ``teacher`` is ``None``); evicts nothing."""
 
     wants_hidden_states = True
 
-    def __init__(self, teacher: KVzip):
+    def __init__(self, teacher: KVzip | None):
         self.teacher = teacher
         self.hidden: dict[int, torch.Tensor] = {}
         self.scores: dict[int, torch.Tensor] = {}
@@ -105,19 +106,42 @@ class _TeacherRecorder(Policy):
         return None
 
     def after_forward(self, fwd) -> None:
-        if fwd.phase == "prefill":
+        if fwd.phase == "prefill" and self.teacher is not None:
             self.scores = self.teacher.prefill_scores(fwd)[0]
 
 
 @torch.no_grad()
-def teacher_features(model, tokenizer, ids: Sequence[int], teacher: KVzip) -> tuple[dict, dict]:
-    """Per compressed layer: hidden states ``[seq, hidden]`` and teacher scores ``[kv_heads, seq]``."""
+def teacher_features(model, tokenizer, ids: Sequence[int], teacher: KVzip,
+                     cache_dir: str | Path | None = None) -> tuple[dict, dict]:
+    """Per compressed layer: hidden states ``[seq, hidden]`` and teacher scores ``[kv_heads, seq]``.
+
+    With ``cache_dir`` the teacher's scores (the expensive part: several forwards per prompt) are read from, or
+    written to, a safetensors file keyed by the model, the teacher's parameters and the token ids; the hidden
+    states always come from one plain forward."""
+    from safetensors.torch import load_file, save_file
+
     teacher.tokenizer = teacher.tokenizer or tokenizer
-    recorder = _TeacherRecorder(teacher)
+    path = None
+    if cache_dir is not None:
+        key = json.dumps([model_signature(model.config), teacher_parameters(teacher), list(ids)])
+        path = Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
+    cached = load_file(str(path)) if path is not None and path.exists() else None
+    recorder = _TeacherRecorder(None if cached is not None else teacher)
     with kvpress.patch(model, recorder) as session:
         cache = session.new_cache()
         model(torch.tensor([list(ids)]), **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
-    return recorder.hidden, {i: s[0] for i, s in recorder.scores.items()}
+    if cached is not None:
+        return recorder.hidden, {int(name): value for name, value in cached.items()}
+    scores = {i: s[0].float().contiguous() for i, s in recorder.scores.items()}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({str(i): s for i, s in scores.items()}, str(path))
+    return recorder.hidden, scores
+
+
+def teacher_parameters(teacher: KVzip) -> dict[str, Any]:
+    """What determines the teacher's scores besides the model and the prompt."""
+    return {"n_sink": teacher.n_sink, "chunk_size": teacher.chunk_size}
 
 
 # ---------------------------------------------------------------------------------------------------- fitting
@@ -169,35 +193,40 @@ def _fit_mlp(layer: int, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
 
 # ---------------------------------------------------------------------------------------------------- evaluation
 def evaluate_predictor(predictor: ScorePredictor, held_out: list[tuple[dict, dict]], eps: float,
-                       ratio: float = 0.5) -> dict[str, Any]:
-    """Spearman correlation per layer and kept-set overlap at ``ratio`` (global budget) against the teacher."""
+                       ratios: Sequence[float] = (0.5, 0.75, 0.9)) -> dict[str, Any]:
+    """Spearman correlation per layer, and the overlap of the kept sets (global budget) with the teacher's at each
+    of ``ratios`` (the fraction of the teacher's kept entries that the predictor keeps too)."""
     from scipy.stats import spearmanr
 
     rho: dict[int, list[float]] = {}
-    overlaps = []
-    policy = KVzip(compression_ratio=ratio)
+    overlaps: dict[float, list[float]] = {r: [] for r in ratios}
     for hidden, scores in held_out:
         pred = {i: predictor(i, hidden[i].unsqueeze(0))[0] for i in hidden}
         for i in hidden:
             r = spearmanr(pred[i].flatten().numpy(), torch.log(scores[i] + eps).flatten().numpy()).statistic
             rho.setdefault(i, []).append(float(r))
         valid = {i: torch.ones_like(scores[i], dtype=torch.bool).unsqueeze(0) for i in scores}
-        keep_t = policy.keep_masks({i: s.unsqueeze(0) for i, s in scores.items()}, valid)
-        keep_p = policy.keep_masks({i: p.unsqueeze(0) for i, p in pred.items()}, valid)
-        both = sum(int((keep_t[i] & keep_p[i]).sum()) for i in keep_t)
-        overlaps.append(both / max(1, sum(int(keep_t[i].sum()) for i in keep_t)))
+        for ratio in ratios:
+            policy = KVzip(compression_ratio=ratio)
+            keep_t = policy.keep_masks({i: s.unsqueeze(0) for i, s in scores.items()}, valid)
+            keep_p = policy.keep_masks({i: p.unsqueeze(0) for i, p in pred.items()}, valid)
+            both = sum(int((keep_t[i] & keep_p[i]).sum()) for i in keep_t)
+            overlaps[ratio].append(both / max(1, sum(int(keep_t[i].sum()) for i in keep_t)))
     per_layer = {i: sum(v) / len(v) for i, v in sorted(rho.items())}
     return {
         "spearman_per_layer": per_layer,
         "spearman_mean": sum(per_layer.values()) / max(1, len(per_layer)),
-        "kept_overlap_at_0.5": sum(overlaps) / max(1, len(overlaps)),
+        **{f"kept_overlap_at_{r:g}": sum(v) / max(1, len(v)) for r, v in overlaps.items()},
     }
 
 
 # ---------------------------------------------------------------------------------------------------- training
 def train(model, tokenizer, cfg: TrainConfig, model_name: str = "", progress: bool = True,
-          log: Callable[[str], None] = print) -> ScorePredictor:
-    """Build the data, fit a predictor of ``cfg.kind`` and evaluate it on held-out prompts (see the module)."""
+          log: Callable[[str], None] = print, teacher_cache: str | Path | None = None) -> ScorePredictor:
+    """Build the data, fit a predictor of ``cfg.kind`` and evaluate it on held-out prompts (see the module).
+
+    ``teacher_cache``: a folder where the teacher's scores are kept between runs (see :func:`teacher_features`),
+    so that fitting settings can be compared without re-running the teacher."""
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     text = model.config.get_text_config(decoder=True)
@@ -214,7 +243,7 @@ def train(model, tokenizer, cfg: TrainConfig, model_name: str = "", progress: bo
     bar = _bar(len(prompts), "teacher scores", progress)
     n_tokens = 0
     for ids in train_ids:
-        hidden, scores = teacher_features(model, tokenizer, ids, teacher)
+        hidden, scores = teacher_features(model, tokenizer, ids, teacher, teacher_cache)
         n_tokens += len(ids)
         pick = torch.randperm(len(ids), generator=gen)[: cfg.tokens_per_sequence]
         for i in layers:
@@ -226,7 +255,7 @@ def train(model, tokenizer, cfg: TrainConfig, model_name: str = "", progress: bo
         bar.update(1)
     held_out = []
     for ids in held_ids:
-        held_out.append(teacher_features(model, tokenizer, ids, teacher))
+        held_out.append(teacher_features(model, tokenizer, ids, teacher, teacher_cache))
         bar.update(1)
     bar.close()
     data_s = time.perf_counter() - started
@@ -264,7 +293,8 @@ def train(model, tokenizer, cfg: TrainConfig, model_name: str = "", progress: bo
         "config": json.dumps(asdict(cfg)),
         "metrics": json.dumps(metrics),
     }
-    log(f"spearman {metrics['spearman_mean']:.3f}, kept-set overlap at 0.5 {metrics['kept_overlap_at_0.5']:.3f}, "
+    log(f"spearman {metrics['spearman_mean']:.3f}, kept-set overlap at 0.5/0.75/0.9 {metrics['kept_overlap_at_0.5']:.3f}/"
+        f"{metrics['kept_overlap_at_0.75']:.3f}/{metrics['kept_overlap_at_0.9']:.3f}, "
         f"{metrics['total_seconds']:.0f} s")
     return predictor
 
@@ -275,8 +305,9 @@ def _bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True)
 
 
-def train_to_file(model_name: str, out: str | Path, cfg: TrainConfig, progress: bool = True) -> ScorePredictor:
+def train_to_file(model_name: str, out: str | Path, cfg: TrainConfig, progress: bool = True,
+                  teacher_cache: str | Path | None = None) -> ScorePredictor:
     model, tokenizer = kvpress.load_model(model_name)
-    predictor = train(model, tokenizer, cfg, model_name=model_name, progress=progress)
+    predictor = train(model, tokenizer, cfg, model_name=model_name, progress=progress, teacher_cache=teacher_cache)
     predictor.save(out)
     return predictor
