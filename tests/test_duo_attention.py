@@ -290,12 +290,20 @@ def test_shipped_smollm2_pattern_holds_at_most_055_of_the_bytes_at_sparsity_half
     assert cache.nbytes() <= 0.55 * full
 
 
+def test_identify_defaults_take_one_distinct_prompt_per_step_for_trained_gates_and_16_for_the_needle_identifier():
+    trained, needle = IdentifyConfig(), IdentifyConfig(method="needle")
+    assert (trained.steps, trained.prompts) == (160, 160)
+    assert needle.prompts == 16
+    assert IdentifyConfig(prompts=7).prompts == 7
+
+
 def test_cli_parses_identify_and_prints_pattern_info(tmp_path, capsys):
     from kvpress.cli import build_parser, main
 
     args = build_parser().parse_args(["duo", "identify", "--out", "p.safetensors", "--method", "needle", "--seed", "3",
                                       "--steps", "5", "--window", "32"])
     assert (args.method, args.seed, args.steps, args.window, args.model) == ("needle", 3, 5, 32, "smollm2-135m")
+    assert args.prompts is None  # resolved per method by IdentifyConfig
     path = _pattern(gates=GATES).save(tmp_path / "p.safetensors")
     assert main(["duo", "info", str(path), "--sparsity", "0.5"]) == 0
     printed = capsys.readouterr().out

@@ -6,7 +6,7 @@ import argparse
 import json
 from dataclasses import fields
 
-from kvpress.duo.identify import IdentifyConfig
+from kvpress.duo.identify import NEEDLE_PROMPTS, TRAINED_PROMPTS, IdentifyConfig
 
 
 def add_subcommand(subparsers) -> None:
@@ -18,8 +18,10 @@ def add_subcommand(subparsers) -> None:
     defaults = IdentifyConfig()
     ident.add_argument("--method", choices=["trained", "needle"], default=defaults.method,
                        help="trained: gate optimisation (the paper's); needle: attention on a planted needle (cheap)")
-    for name in ("steps", "prompts", "length", "n_sink", "window", "seed"):
+    for name in ("steps", "length", "n_sink", "window", "seed"):
         ident.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    ident.add_argument("--prompts", type=int, default=None,
+                       help=f"distinct prompts (default: {TRAINED_PROMPTS} trained, {NEEDLE_PROMPTS} needle)")
     for name in ("lam", "lr", "init_logit"):
         ident.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     ident.add_argument("--loss", choices=["hidden", "kl"], default=defaults.loss,

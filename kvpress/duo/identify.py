@@ -9,9 +9,10 @@ with ``alpha = sigmoid(logit[layer, kv_head])`` shared by the query heads of a K
 trainable parameters. Data: synthetic passkey prompts from the evaluation harness's generators (a needle at a random
 depth in local prose, one or several keys; seeds disjoint from evaluation's), each followed by its answer. The loss is
 the relative MSE between the final hidden states of the frozen full-attention model and of the mixed model on the
-answer span, plus ``lam * mean(alpha)`` pushing gates toward streaming. Adam, one prompt per step, deterministic for a
-seed (one thread). Sequences are short (default 640 tokens, sinks/window 16/64, scaled from the paper's long contexts),
-so one step is one forward + backward of the model: minutes on a CPU for SmolLM2-135M.
+answer span, plus ``lam * mean(alpha)`` pushing gates toward streaming. Adam, one distinct prompt per step by default,
+deterministic for a seed (one thread). Sequences are short (default 640 tokens, sinks/window 16/64, scaled from the
+paper's long contexts), so one step is one forward + backward of the model: the default 160 steps take about 19
+minutes on one CPU thread for SmolLM2-135M.
 
 :func:`identify` returns a :class:`~kvpress.duo.pattern.DuoPattern`; ``method="needle"`` runs the training-free
 identifier of :mod:`kvpress.duo.cheap` instead.
@@ -35,6 +36,8 @@ from kvpress.scorer.predictor import model_signature
 SEED_OFFSET = 20_000  # evaluation samples use seed 0 (the learned scorer 10_000+): identification never shares one
 DATA_TASKS = ("niah_single_prose", "niah_multikey_prose")
 _IMPL = "kvpress_duo_identify"
+TRAINED_PROMPTS = 160  # default prompt counts per method (IdentifyConfig.prompts=None)
+NEEDLE_PROMPTS = 16
 
 
 @dataclass
@@ -42,8 +45,10 @@ class IdentifyConfig:
     """Identification settings (the CLI exposes each field)."""
 
     method: str = "trained"  # "trained" (gate optimisation) or "needle" (attention on a planted needle)
-    steps: int = 48  # optimisation steps (one prompt each)
-    prompts: int = 16  # distinct prompts, cycled over the steps
+    steps: int = 160  # optimisation steps (one prompt each)
+    # distinct prompts, cycled over the steps; None: 160 for "trained" (one per step: 16 prompts cycled over 48 steps
+    # kept 24 of 32 needles at s=0.5, 160 distinct ones 30), 16 for "needle" (an average of attention mass)
+    prompts: int | None = None
     length: int = 640  # tokens per prompt (prompt + answer budget of the generator)
     n_sink: int = 16  # sinks of the streaming side of the mix
     window: int = 64  # recent window of the streaming side
@@ -54,6 +59,8 @@ class IdentifyConfig:
     loss: str = "hidden"  # "hidden": relative MSE of final hidden states; "kl": KL of the answer-token distributions
 
     def __post_init__(self) -> None:
+        if self.prompts is None:
+            self.prompts = TRAINED_PROMPTS if self.method == "trained" else NEEDLE_PROMPTS
         if self.loss not in ("hidden", "kl"):
             raise ValueError(f"loss must be 'hidden' or 'kl', got {self.loss!r}")
         if self.method not in ("trained", "needle"):
