@@ -6,8 +6,8 @@
 Configurations (query-agnostic: the context is prefilled and compressed before the question is seen):
 uncompressed; DuoAttention with the trained pattern (``--pattern``, default the shipped one) at each of
 ``--sparsities``; with the training-free needle identifier (identified here, timed) and with random gates at each of
-``--compare-sparsities``; StreamingLLM with the same sinks and the window that holds the same bytes as DuoAttention at
-that sparsity. Tasks: ``niah_single_prose``, ``niah_multikey_prose``, ``vt`` at ``--length`` tokens, plus perplexity
+``--compare-sparsities`` (one random draw per ``--random-seeds`` entry); StreamingLLM with the same sinks and the
+window that holds the same bytes as DuoAttention at that sparsity. Tasks: ``niah_single_prose``, ``niah_multikey_prose``, ``vt`` at ``--length`` tokens, plus perplexity
 through the cache (chunked, ``--ppl-tokens`` tokens of the harness's prose). Columns: score per task, mean, % of the
 uncompressed mean, KV bytes held after the prefill vs the uncompressed cache (``cache.nbytes()``), perplexity,
 identification seconds. Writes ``--out`` (JSON) and a heat map of the gates (PNG) next to it.
@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-sparsities", nargs="*", type=float, default=[0.5])
     p.add_argument("--kvquant-bits", type=int, default=None,
                    help="also run DuoAttention (trained) | KVQuant(bits) at each of --sparsities")
+    p.add_argument("--random-seeds", nargs="+", type=int, default=[0],
+                   help="one random head assignment per seed at each of --compare-sparsities (a draw is one sample)")
     p.add_argument("--n-sink", type=int, default=16)
     p.add_argument("--window", type=int, default=128)
     p.add_argument("--ppl-tokens", type=int, default=2048)
@@ -99,10 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     ident_seconds["needle"] = time.perf_counter() - t0
     needle_path = needle.save(out.with_name(out.stem + "_needle.safetensors"))
     patterns["needle"] = needle
-    random_gates = torch.rand(trained.gates.shape, generator=torch.Generator().manual_seed(0))
-    random_path = DuoPattern(random_gates, {"model": args.model, "method": "random", "seed": 0}).save(
-        out.with_name(out.stem + "_random.safetensors"))
-    patterns["random"] = load_pattern(random_path)
+    random_paths = {}  # one random head assignment per --random-seeds entry (the first keeps the plain file name)
+    for i, seed in enumerate(args.random_seeds):
+        random_gates = torch.rand(trained.gates.shape, generator=torch.Generator().manual_seed(seed))
+        suffix = "_random" if i == 0 else f"_random{seed}"
+        random_paths[seed] = DuoPattern(random_gates, {"model": args.model, "method": "random", "seed": seed}).save(
+            out.with_name(out.stem + suffix + ".safetensors"))
+    patterns["random"] = load_pattern(random_paths[args.random_seeds[0]])
     ident_seconds["random"] = 0.0
 
     overlaps = {}
@@ -131,8 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     for s in args.compare_sparsities:
         configs.append((f"duo needle s={s:g}", "needle", s, PolicySpec(
             "duo_attention", (("pattern", str(needle_path)), ("sparsity", s), *common))))
-        configs.append((f"duo random s={s:g}", "random", s, PolicySpec(
-            "duo_attention", (("pattern", str(random_path)), ("sparsity", s), *common))))
+        for i, (seed, random_path) in enumerate(random_paths.items()):
+            label = f"duo random s={s:g}" if i == 0 else f"duo random (seed {seed}) s={s:g}"
+            configs.append((label, "random", s, PolicySpec(
+                "duo_attention", (("pattern", str(random_path)), ("sparsity", s), *common))))
         # equal bytes: a streaming head holds n_sink + window of the ~length context tokens
         ratio = round(s * (1 - (args.n_sink + args.window) / (args.length - 50)), 4)
         configs.append((f"streaming_llm = bytes of s={s:g}", "streaming", s, PolicySpec(
@@ -180,11 +187,19 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines)
     print(table)
     print("overlap of top-half retrieval heads:", json.dumps({k: round(v, 3) for k, v in overlaps.items()}))
+    random_draws = {}  # mean score of the random head assignments at each sparsity, against the trained gates
+    for s in args.compare_sparsities:
+        means = [r["mean"] for r in rows if r["kind"] == "random" and r["sparsity"] == s]
+        trained_mean = next((r["mean"] for r in rows if r["kind"] == "trained" and r["sparsity"] == s), None)
+        random_draws[f"s={s:g}"] = {"draws": means, "mean": sum(means) / len(means), "min": min(means),
+                                    "max": max(means), "trained": trained_mean}
+        print(f"random heads at s={s:g}: {len(means)} draws, mean {random_draws[f's={s:g}']['mean']:.1f} "
+              f"(min {min(means):.1f}, max {max(means):.1f}); trained {trained_mean}")
     out.write_text(json.dumps({
         "model": args.model, "length": args.length, "samples": args.samples, "tasks": args.tasks,
         "n_sink": args.n_sink, "window": args.window, "threads": torch.get_num_threads(),
         "trained_pattern": str(trained_path), "trained_metadata": trained.metadata, "overlaps": overlaps,
-        "rows": rows, "per_task": per_task, "seconds": round(seconds, 1), "heat_map": str(png), "table": table,
+        "rows": rows, "random_draws": random_draws, "per_task": per_task, "seconds": round(seconds, 1), "heat_map": str(png), "table": table,
     }, indent=1, default=str))
     print(f"wrote {out} and {png} ({seconds:.0f} s)")
     return 0
