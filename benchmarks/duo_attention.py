@@ -1,16 +1,17 @@
 """DuoAttention on SmolLM2-135M: trained gates vs the needle identifier vs random heads vs StreamingLLM.
 
-    python benchmarks/duo_attention.py --threads 1                      # ~25 min on one thread
+    python benchmarks/duo_attention.py --threads 1                      # ~20 min on one thread
     python benchmarks/duo_attention.py --samples 2 --tasks niah_single_prose --sparsities 0.5   # a quick look
 
 Configurations (query-agnostic: the context is prefilled and compressed before the question is seen):
 uncompressed; DuoAttention with the trained pattern (``--pattern``, default the shipped one) at each of
 ``--sparsities``; with the training-free needle identifier (identified here, timed) and with random gates at each of
 ``--compare-sparsities`` (one random draw per ``--random-seeds`` entry); StreamingLLM with the same sinks and the
-window that holds the same bytes as DuoAttention at that sparsity. Tasks: ``niah_single_prose``, ``niah_multikey_prose``, ``vt`` at ``--length`` tokens, plus perplexity
-through the cache (chunked, ``--ppl-tokens`` tokens of the harness's prose). Columns: score per task, mean, % of the
-uncompressed mean, KV bytes held after the prefill vs the uncompressed cache (``cache.nbytes()``), perplexity,
-identification seconds. Writes ``--out`` (JSON) and a heat map of the gates (PNG) next to it.
+window that holds the same bytes as DuoAttention at that sparsity. Tasks: ``niah_single_prose``,
+``niah_multikey_prose``, ``vt`` at ``--length`` tokens, plus perplexity through the cache (chunked, ``--ppl-tokens``
+tokens of the harness's prose). Columns: score per task, mean, % of the uncompressed mean, KV bytes held after the
+prefill vs the uncompressed cache (``cache.nbytes()``), perplexity, identification seconds. Writes ``--out`` (JSON)
+and a heat map of the gates (PNG) next to it.
 """
 
 from __future__ import annotations
@@ -191,15 +192,16 @@ def main(argv: list[str] | None = None) -> int:
     for s in args.compare_sparsities:
         means = [r["mean"] for r in rows if r["kind"] == "random" and r["sparsity"] == s]
         trained_mean = next((r["mean"] for r in rows if r["kind"] == "trained" and r["sparsity"] == s), None)
-        random_draws[f"s={s:g}"] = {"draws": means, "mean": sum(means) / len(means), "min": min(means),
-                                    "max": max(means), "trained": trained_mean}
-        print(f"random heads at s={s:g}: {len(means)} draws, mean {random_draws[f's={s:g}']['mean']:.1f} "
+        draws = random_draws[f"s={s:g}"] = {"draws": means, "mean": sum(means) / len(means), "min": min(means),
+                                            "max": max(means), "trained": trained_mean}
+        print(f"random heads at s={s:g}: {len(means)} draws, mean {draws['mean']:.1f} "
               f"(min {min(means):.1f}, max {max(means):.1f}); trained {trained_mean}")
     out.write_text(json.dumps({
         "model": args.model, "length": args.length, "samples": args.samples, "tasks": args.tasks,
         "n_sink": args.n_sink, "window": args.window, "threads": torch.get_num_threads(),
         "trained_pattern": str(trained_path), "trained_metadata": trained.metadata, "overlaps": overlaps,
-        "rows": rows, "random_draws": random_draws, "per_task": per_task, "seconds": round(seconds, 1), "heat_map": str(png), "table": table,
+        "rows": rows, "random_draws": random_draws, "per_task": per_task, "seconds": round(seconds, 1),
+        "heat_map": str(png), "table": table,
     }, indent=1, default=str))
     print(f"wrote {out} and {png} ({seconds:.0f} s)")
     return 0
