@@ -102,13 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     ident_seconds["needle"] = time.perf_counter() - t0
     needle_path = needle.save(out.with_name(out.stem + "_needle.safetensors"))
     patterns["needle"] = needle
-    random_paths = {}  # one random head assignment per --random-seeds entry (the first keeps the plain file name)
+    random_paths = {}  # config label -> pattern file, one random draw per --random-seeds entry (the first unnamed)
     for i, seed in enumerate(args.random_seeds):
         random_gates = torch.rand(trained.gates.shape, generator=torch.Generator().manual_seed(seed))
-        suffix = "_random" if i == 0 else f"_random{seed}"
-        random_paths[seed] = DuoPattern(random_gates, {"model": args.model, "method": "random", "seed": seed}).save(
+        label, suffix = ("duo random", "_random") if i == 0 else (f"duo random (seed {seed})", f"_random{seed}")
+        random_paths[label] = DuoPattern(random_gates, {"model": args.model, "method": "random", "seed": seed}).save(
             out.with_name(out.stem + suffix + ".safetensors"))
-    patterns["random"] = load_pattern(random_paths[args.random_seeds[0]])
+    patterns["random"] = load_pattern(random_paths["duo random"])
     ident_seconds["random"] = 0.0
 
     overlaps = {}
@@ -137,9 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     for s in args.compare_sparsities:
         configs.append((f"duo needle s={s:g}", "needle", s, PolicySpec(
             "duo_attention", (("pattern", str(needle_path)), ("sparsity", s), *common))))
-        for i, (seed, random_path) in enumerate(random_paths.items()):
-            label = f"duo random s={s:g}" if i == 0 else f"duo random (seed {seed}) s={s:g}"
-            configs.append((label, "random", s, PolicySpec(
+        for label, random_path in random_paths.items():
+            configs.append((f"{label} s={s:g}", "random", s, PolicySpec(
                 "duo_attention", (("pattern", str(random_path)), ("sparsity", s), *common))))
         # equal bytes: a streaming head holds n_sink + window of the ~length context tokens
         ratio = round(s * (1 - (args.n_sink + args.window) / (args.length - 50)), 4)
