@@ -71,6 +71,11 @@ def _all_in_past(view: AttentionView, q_abs: int, seq: int) -> bool:
     return bool((view.positions <= q_abs).all())
 
 
+def reads_held_form(view: AttentionView, q_len: int) -> bool:
+    """Whether :func:`attend` reads ``view`` through its lazy ``decode`` path (not built tensors + SDPA)."""
+    return isinstance(view, LazyAttentionView) and not view.is_materialised and q_len <= DECODE_MAX_QUERIES
+
+
 def attend(
     query: torch.Tensor, view: AttentionView, allowed: torch.Tensor | None, scaling: float
 ) -> torch.Tensor:
@@ -89,7 +94,7 @@ def attend(
     if allowed is not None:
         # A query with no allowed slot (a padding query) attends to everything instead of producing NaN.
         allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
-    if isinstance(view, LazyAttentionView) and not view.is_materialised and q_len <= DECODE_MAX_QUERIES:
+    if reads_held_form(view, q_len):
         return view.decode(query, allowed, scaling)
     kv_heads = view.keys.shape[1]
     groups = q_heads // kv_heads

@@ -8,6 +8,7 @@ import kvpress
 from kvpress.compat import cache_kwargs
 from kvpress.policies import Policy
 from kvpress.storage import DenseStorage, RaggedStorage
+from kvpress.storage.ragged import TAIL_TOKENS
 
 
 class DropPositions(Policy):
@@ -123,3 +124,47 @@ def test_ragged_storage_holds_no_padding_and_reads_back():
     uniform = torch.zeros_like(view.valid)
     uniform[..., :2] = True
     assert isinstance(ragged.select(uniform), DenseStorage)
+
+
+@pytest.mark.parametrize("steps", [1, 63, 64, 65, 150])
+def test_ragged_tail_appends_fold_and_select_like_one_flat_layout(steps):
+    """Decode tokens go to the dense tail and fold into the flat layout every TAIL_TOKENS steps; at every
+    point the view, the bytes held and a later select equal those of the tokens held in one flat layout."""
+    gen = torch.Generator().manual_seed(steps)
+    dense = DenseStorage()
+    dense.append(torch.randn(2, 3, 12, 8, generator=gen), torch.randn(2, 3, 12, 8, generator=gen), 0)
+    keep = torch.rand(2, 3, 12, generator=gen) < 0.5
+    keep[0, 0, :] = True
+    ragged = dense.select(keep)
+    assert isinstance(ragged, RaggedStorage)
+    # reference: each head's held tokens as a python list, extended per step
+    ref_view = ragged.view()
+    held = {(b, h): (ref_view.keys[b, h, ref_view.valid[b, h]], ref_view.positions[b, h, ref_view.valid[b, h]])
+            for b in range(2) for h in range(3)}
+    for step in range(steps):
+        k, v = torch.randn(2, 3, 1, 8, generator=gen), torch.randn(2, 3, 1, 8, generator=gen)
+        ragged.append(k, v, 12 + step)
+        for (b, h), (hk, hp) in held.items():
+            held[(b, h)] = (torch.cat([hk, k[b, h]]), torch.cat([hp, torch.tensor([12 + step])]))
+    view = ragged.view()
+    n_total = sum(len(p) for _, p in held.values())
+    n_tail = ragged.n_tail
+    assert n_tail == steps % TAIL_TOKENS
+    # K, V fp32 for every token; int32 positions: one per flat token, one per tail step (shared by all heads)
+    assert ragged.nbytes() == n_total * 8 * 4 * 2 + (n_total - 6 * n_tail) * 4 + n_tail * 4 + 6 * 8
+    for (b, h), (hk, hp) in held.items():
+        m = len(hp)
+        assert torch.equal(view.keys[b, h, :m], hk)
+        assert torch.equal(view.positions[b, h, :m], hp)
+        assert view.valid[b, h, :m].all() and not view.valid[b, h, m:].any()
+    assert int(ragged.lengths().sum()) == n_total
+    # evict every other held slot: same result as selecting from the reference
+    sel = torch.zeros_like(view.valid)
+    sel[..., ::2] = True
+    out = ragged.select(sel)
+    out_view = out.view()
+    for (b, h), (hk, hp) in held.items():
+        m = len(hp)
+        expect = hk[0:m:2]
+        got = out_view.keys[b, h][out_view.valid[b, h]] if out_view.valid is not None else out_view.keys[b, h]
+        assert torch.equal(got, expect)

@@ -31,7 +31,7 @@ def _fresh_warnings(monkeypatch):
 
 def test_bad_backend_names_raise(monkeypatch):
     monkeypatch.setenv("KVPRESS_KERNELS", "cuda")
-    with pytest.raises(ValueError, match=r"KVPRESS_KERNELS must be one of \('auto', 'torch', 'triton'\)"):
+    with pytest.raises(ValueError, match=r"KVPRESS_KERNELS must be one of \('auto', 'torch', 'triton', 'cpp'\)"):
         dispatch.requested_backend()
     with pytest.raises(ValueError, match="force_backend"):
         with kernels.force_backend("fast"):
@@ -50,10 +50,36 @@ def test_precedence_argument_context_environment(monkeypatch):
     assert dispatch.requested_backend() == "auto"
 
 
-def test_cpu_auto_is_torch_without_warning():
+def test_cpu_auto_is_cpp_without_warning_and_torch_where_no_cpp_kernel_exists():
+    case = dict(rows=3, head_dim=64, dtype=torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        assert dispatch.choose_backend("x", cpp=case, device=CPU, dtype=torch.float32, head_dim=64) == "cpp"
         assert dispatch.choose_backend("x", device=CPU, dtype=torch.float32, head_dim=64) == "torch"
+        # forcing C++ leaves an operation that has no C++ kernel (quantize-and-pack) on torch
+        assert dispatch.choose_backend("x", "cpp", device=CPU, dtype=torch.float32, head_dim=64) == "torch"
+
+
+def test_cpp_unsupported_cases_fall_back_with_one_warning_or_raise_when_forced():
+    gear = dict(rows=3, head_dim=64, dtype=torch.float32, bits=(2, 2), gear=True)
+    with pytest.warns(RuntimeWarning, match="GEAR") as record:
+        assert dispatch.choose_backend("x", cpp=gear, device=CPU, dtype=torch.float32, head_dim=64) == "torch"
+        assert dispatch.choose_backend("x", cpp=gear, device=CPU, dtype=torch.float32, head_dim=64) == "torch"
+    assert len(record) == 1
+    for case, what in ((gear, "GEAR"), (dict(rows=65, head_dim=64, dtype=torch.float32), "65 query rows"),
+                       (dict(rows=1, head_dim=512, dtype=torch.float32), "head_dim=512"),
+                       (dict(rows=1, head_dim=64, dtype=torch.float32, bits=(5,)), "bits=5")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"C\\+\\+ x kernel was forced.*{what}"):
+            dispatch.choose_backend("x", "cpp", cpp=case, device=CPU, dtype=torch.float32, head_dim=64)
+
+
+def test_cpp_build_failure_falls_back_with_one_warning(monkeypatch):
+    from kvpress.kernels import cpu_decode
+
+    monkeypatch.setattr(cpu_decode, "load_error", lambda: "no compiler here")
+    case = dict(rows=3, head_dim=64, dtype=torch.float32)
+    with pytest.warns(RuntimeWarning, match="no compiler here"):
+        assert dispatch.choose_backend("x", cpp=case, device=CPU, dtype=torch.float32, head_dim=64) == "torch"
 
 
 def test_unsupported_case_on_cuda_falls_back_with_one_warning(monkeypatch):

@@ -7,9 +7,11 @@ Below ``kvpress.storage`` and ``kvpress.quant``: tensors in, tensors out, no imp
   in place, never dequantized whole.
 * :mod:`~kvpress.kernels.ragged_decode_triton` / :mod:`~kvpress.kernels.ragged_decode_torch`: decode attention
   over ragged heads in the varlen layout, no padding read.
+* :mod:`~kvpress.kernels.cpu_decode`: the fused C++ CPU kernels (quantized layer and ragged decode), built
+  once with torch's extension tooling.
 * :mod:`~kvpress.kernels.quant_pack_triton`: quantize-and-pack, bit-exact with ``kvpress.quant.quantize``.
 * :mod:`~kvpress.kernels.partial`: partial attention states and their log-sum-exp merge.
-* :mod:`~kvpress.kernels.dispatch`: which one runs (``KVPRESS_KERNELS=auto|torch|triton``).
+* :mod:`~kvpress.kernels.dispatch`: which one runs (``KVPRESS_KERNELS=auto|torch|triton|cpp``).
 
 Triton modules are imported only when a Triton path is chosen, so ``import kvpress`` never needs Triton.
 """
@@ -19,6 +21,7 @@ from kvpress.kernels.dispatch import (
     choose_backend,
     force_backend,
     quantized_decode,
+    quantized_layer_decode,
     ragged_decode,
     requested_backend,
     triton_unsupported,
@@ -35,6 +38,7 @@ __all__ = [
     "force_backend",
     "merge",
     "quantized_decode",
+    "quantized_layer_decode",
     "ragged_decode",
     "requested_backend",
     "triton_unsupported",

@@ -1,13 +1,16 @@
-"""Which implementation runs: the fused Triton kernels or the torch paths, and the entry points storage calls.
+"""Which implementation runs: the fused Triton kernels (CUDA), the fused C++ kernels (CPU) or the torch paths,
+and the entry points storage calls.
 
 Choice, first match wins:
 
 1. an explicit ``backend=`` argument, then :func:`force_backend` (a context manager), then the environment
-   variable ``KVPRESS_KERNELS``: ``"torch"`` forces the torch path; ``"triton"`` forces the kernels and raises
-   a ``ValueError`` naming the reason when they cannot run (Triton not importable, a CPU tensor without
-   ``TRITON_INTERPRET=1``, an unsupported head_dim, bit width, value group or dtype); ``"auto"`` (default):
-2. CUDA tensors use the kernels when they support the case, and otherwise fall back to torch with one warning
-   per reason; CPU tensors use the torch paths (their intended path: no warning).
+   variable ``KVPRESS_KERNELS``: ``"torch"`` forces the torch path; ``"triton"`` forces the Triton kernels and
+   ``"cpp"`` the C++ CPU kernels, each raising a ``ValueError`` naming the reason when they cannot run (Triton not
+   importable, a CPU tensor without ``TRITON_INTERPRET=1``, the C++ kernel not buildable, an unsupported head_dim,
+   bit width, value group, dtype or GEAR terms); ``"auto"`` (default):
+2. CUDA tensors use the Triton kernels and CPU tensors the C++ kernels (:mod:`kvpress.kernels.cpu_decode`) when
+   they support the case, and otherwise fall back to torch with one warning per reason. Quantize-and-pack has
+   no C++ kernel: on CPU it is the torch quantizer (no warning).
 
 ``TRITON_INTERPRET=1`` (set before the kernels are first used) runs the Triton kernels on CPU through Triton's
 interpreter, which the tests use with ``KVPRESS_KERNELS=triton``; it is about a thousand times slower than torch.
@@ -23,13 +26,14 @@ from typing import Iterator
 
 import torch
 
+from kvpress.kernels import cpu_decode
 from kvpress.kernels.layout import PackedBody
-from kvpress.kernels.partial import AttentionPartial
+from kvpress.kernels.partial import AttentionPartial, dense_partial, merge
 from kvpress.kernels.quant_decode_torch import quant_decode_torch
-from kvpress.kernels.ragged_decode_torch import ragged_decode_torch
+from kvpress.kernels.ragged_decode_torch import ragged_decode_torch, segment_offsets
 
 ENV_VAR = "KVPRESS_KERNELS"
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cpp")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNEL_BITS = (2, 3, 4, 8)
 
@@ -106,15 +110,46 @@ def triton_unsupported(
     return None
 
 
-def choose_backend(what: str, backend: str | None = None, **case) -> str:
-    """``"triton"`` or ``"torch"`` for one call (``case``: the arguments of :func:`triton_unsupported`).
+def cpp_unsupported(device: torch.device, cpp: dict | None) -> str | None:
+    """Why the C++ CPU kernel cannot run a case (``cpp``: the arguments of :func:`cpu_decode.unsupported` plus
+    ``gear``; ``None``: the operation has no C++ kernel), or ``None`` when it can. Builds the kernel on first use."""
+    if cpp is None:
+        return "this operation has no C++ kernel"
+    if device.type != "cpu":
+        return f"tensors are on {device.type}: the C++ kernels run on CPU"
+    case = dict(cpp)
+    if case.pop("gear", False):
+        return "GEAR low-rank / outlier terms are not fused in the C++ kernel"
+    return cpu_decode.unsupported(**case) or cpu_decode.load_error()
+
+
+def _warn_once(what: str, instead_of: str, reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"kvpress: {what} runs the torch path instead of the {instead_of}: {reason}",
+                      RuntimeWarning, stacklevel=4)  # fmt: skip
+
+
+def choose_backend(what: str, backend: str | None = None, cpp: dict | None = None, **case) -> str:
+    """``"triton"``, ``"cpp"`` or ``"torch"`` for one call (``case``: the arguments of :func:`triton_unsupported`;
+    ``cpp``: the case as the C++ kernel sees it, ``None`` when the operation has none).
 
     Raises:
-        ValueError: Triton was forced (argument, :func:`force_backend` or ``KVPRESS_KERNELS=triton``) and
+        ValueError: Triton or C++ was forced (argument, :func:`force_backend` or ``KVPRESS_KERNELS``) and
             cannot run this case.
     """
     asked = requested_backend(backend)
-    if asked == "torch":
+    if asked == "torch" or (asked == "cpp" and cpp is None):  # forcing C++ leaves operations without one on torch
+        return "torch"
+    if asked == "cpp" or (asked == "auto" and case["device"].type != "cuda"):
+        reason = cpp_unsupported(case["device"], cpp)
+        if reason is None:
+            return "cpp"
+        if asked == "cpp":
+            raise ValueError(f"the C++ {what} kernel was forced ({ENV_VAR}=cpp or backend='cpp') but cannot run: "
+                             f"{reason}")  # fmt: skip
+        if cpp is not None:
+            _warn_once(what, "C++ kernel", reason)
         return "torch"
     reason = triton_unsupported(**case)
     if asked == "triton":
@@ -122,18 +157,22 @@ def choose_backend(what: str, backend: str | None = None, **case) -> str:
             raise ValueError(f"the Triton {what} kernel was forced ({ENV_VAR}=triton or backend='triton') but "
                              f"cannot run: {reason}")  # fmt: skip
         return "triton"
-    if case["device"].type != "cuda":
-        return "torch"
     if reason:
-        if reason not in _warned:
-            _warned.add(reason)
-            warnings.warn(f"kvpress: {what} runs the torch path instead of the Triton kernel: {reason}",
-                          RuntimeWarning, stacklevel=3)  # fmt: skip
+        _warn_once(what, "Triton kernel", reason)
         return "torch"
     return "triton"
 
 
 # -- entry points ----------------------------------------------------------------------------------------------
+def _quant_cases(query: torch.Tensor, body: PackedBody, dtype: torch.dtype | None) -> tuple[dict, dict]:
+    triton_case = dict(device=query.device, dtype=dtype or query.dtype, head_dim=body.head_dim,
+                       bits=(body.key_bits, body.value_bits), value_group=body.value_group,
+                       scale_dtype=body.k_scale.dtype)  # fmt: skip
+    cpp_case = dict(rows=query.shape[2], head_dim=body.head_dim, dtype=dtype or query.dtype,
+                    bits=(body.key_bits, body.value_bits), gear=bool(body.rank or body.n_outliers))  # fmt: skip
+    return triton_case, cpp_case
+
+
 def quantized_decode(
     query: torch.Tensor,
     body: PackedBody,
@@ -146,24 +185,65 @@ def quantized_decode(
 
     ``dtype`` is the model's compute dtype (what the kernel support is checked against; default the query's). The
     Triton kernel runs its dots in it (tensor cores for float16 / bfloat16, float32 FMA for float32); the torch
-    path computes in float32 throughout.
+    path and the C++ kernel compute in float32 throughout.
     """
-    choice = choose_backend(
-        "quantized decode attention",
-        backend,
-        device=query.device,
-        dtype=dtype or query.dtype,
-        head_dim=body.head_dim,
-        bits=(body.key_bits, body.value_bits),
-        value_group=body.value_group,
-        scale_dtype=body.k_scale.dtype,
-    )
+    triton_case, cpp_case = _quant_cases(query, body, dtype)
+    choice = choose_backend("quantized decode attention", backend, cpp=cpp_case, **triton_case)
     if choice == "triton":
         from kvpress.kernels.quant_decode_triton import quant_decode_triton
 
         dot = dtype or query.dtype
         return quant_decode_triton(query, body, mask, dot_dtype=dot if dot in KERNEL_DTYPES else torch.float32)
+    if choice == "cpp":
+        b, h, _, d = query.shape
+        none = query.new_zeros(b, h, 0, d)
+        return cpu_decode.quant_decode_cpu(query, body, none, none, _q_len(mask), body_mask=mask)
     return quant_decode_torch(query, body, mask)
+
+
+def quantized_layer_decode(
+    query: torch.Tensor,
+    body: PackedBody | None,
+    exact_keys: torch.Tensor,
+    exact_values: torch.Tensor,
+    q_len: int,
+    body_mask: torch.Tensor | None = None,
+    exact_mask: torch.Tensor | None = None,
+    key_rotation: torch.Tensor | None = None,
+    value_rotation: torch.Tensor | None = None,
+    backend: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> AttentionPartial:
+    """Decode attention over a whole quantized layer: the packed body (held as ``K @ R`` / ``V @ Rv``) and the
+    exact full-precision tokens (plain basis), merged.
+
+    Args:
+        query: ``[B, H, M, D]`` float32, scaled, plain basis (``M = groups * q_len``).
+        body: the packed body, or ``None`` (nothing quantized yet).
+        exact_keys, exact_values: ``[B, H, E, D]`` sinks, window and this step's tokens.
+        body_mask: ``[B, H, q_len, body.n_tokens]``; exact_mask: ``[B, H, q_len, E]`` (bool, or ``None``).
+
+    Returns:
+        the partial in the plain value basis. The C++ kernel does all of it in one call; otherwise the exact part
+        is :func:`dense_partial`, the body goes through :func:`quantized_decode` and the two are merged.
+    """
+    if body is not None and body.n_tokens:
+        triton_case, cpp_case = _quant_cases(query, body, dtype)
+    else:
+        d = exact_keys.shape[-1]
+        triton_case = dict(device=query.device, dtype=dtype or query.dtype, head_dim=d)
+        cpp_case = dict(rows=query.shape[2], head_dim=d, dtype=dtype or query.dtype)
+    choice = choose_backend("quantized decode attention", backend, cpp=cpp_case, **triton_case)
+    if choice == "cpp":
+        return cpu_decode.quant_decode_cpu(query, body, exact_keys, exact_values, q_len, body_mask, exact_mask,
+                                           key_rotation, value_rotation)  # fmt: skip
+    parts = [dense_partial(query, exact_keys, exact_values, exact_mask)]
+    if body is not None and body.n_tokens:
+        q_body = query if key_rotation is None else query @ key_rotation.float()
+        part = quantized_decode(q_body, body, body_mask, backend=choice, dtype=dtype)
+        out = part.out if value_rotation is None else part.out @ value_rotation.float().T
+        parts.append(AttentionPartial(out, part.lse))
+    return merge(parts)
 
 
 def ragged_decode(
@@ -174,16 +254,37 @@ def ragged_decode(
     mask: torch.Tensor | None = None,
     backend: str | None = None,
     max_length: int | None = None,
+    tail: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+    offsets: torch.Tensor | None = None,
 ) -> AttentionPartial:
-    """Decode attention over ragged heads; see :func:`~kvpress.kernels.ragged_decode_torch.ragged_decode_torch`."""
-    choice = choose_backend(
-        "ragged decode attention", backend, device=query.device, dtype=keys.dtype, head_dim=keys.shape[-1]
-    )
+    """Decode attention over ragged heads; see :func:`~kvpress.kernels.ragged_decode_torch.ragged_decode_torch`.
+
+    ``tail = (keys, values, mask)``: tokens every head holds after its ragged segment, ``[B, H, n_tail, D]``
+    with ``mask`` ``[B, H, L, n_tail]`` or ``None``, attended and merged in the same step. ``offsets``: the
+    segments' start offsets ``[B * H + 1]`` when the caller has them.
+    """
+    cpp_case = dict(rows=query.shape[2], head_dim=keys.shape[-1], dtype=keys.dtype)
+    choice = choose_backend("ragged decode attention", backend, cpp=cpp_case, device=query.device, dtype=keys.dtype,
+                            head_dim=keys.shape[-1])  # fmt: skip
+    if choice == "cpp":
+        if offsets is None:
+            offsets = segment_offsets(lengths)
+        q_len = mask.shape[1] if mask is not None else (tail[2].shape[2] if tail and tail[2] is not None else 1)
+        tail_k, tail_v, tail_mask = tail if tail is not None else (None, None, None)
+        return cpu_decode.ragged_decode_cpu(query, keys, values, offsets, mask, tail_k, tail_v, tail_mask, q_len)
     if choice == "triton":
         from kvpress.kernels.ragged_decode_triton import ragged_decode_triton
 
-        return ragged_decode_triton(query, keys, values, lengths, mask, max_length=max_length)
-    return ragged_decode_torch(query, keys, values, lengths, mask)
+        part = ragged_decode_triton(query, keys, values, lengths, mask, max_length=max_length)
+    else:
+        part = ragged_decode_torch(query, keys, values, lengths, mask)
+    if tail is None or tail[0].shape[2] == 0:
+        return part
+    return merge([part, dense_partial(query, tail[0], tail[1], tail[2])])
+
+
+def _q_len(mask: torch.Tensor | None) -> int:
+    return 1 if mask is None else mask.shape[2]
 
 
 def pack_backend(x: torch.Tensor, bits: int, group_size: int, axis: str, scale_dtype: torch.dtype,

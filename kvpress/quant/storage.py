@@ -32,8 +32,9 @@ scales; heads may keep different numbers of tokens (padded slots, marked invalid
 
 Attention reads the held form: :meth:`view` returns a :class:`~kvpress.storage.LazyAttentionView`. Decode steps
 attend through its ``decode`` (:meth:`QuantizedStorage._decode`): the exact segments (sinks, window, this step's
-tokens, unrotated) in float32 and the packed body through :func:`kvpress.kernels.quantized_decode` (fused
-Triton kernel on CUDA, chunked torch path on CPU: the body is never dequantized whole), merged by log-sum-exp.
+tokens, unrotated) and the packed body through :func:`kvpress.kernels.quantized_layer_decode` (fused Triton kernel
+on CUDA, fused C++ kernel on CPU, chunked torch path otherwise: the body is never dequantized whole), merged by
+log-sum-exp.
 The dequantized ``keys``/``values`` tensors of the view are built only if something reads them (a policy, a
 re-positioning layer, a prefill or extend forward). On CUDA the window is flushed by the fused quantize-and-pack
 kernel when the body has no GEAR terms (bit-exact with :func:`kvpress.quant.quantizer.quantize`).
@@ -269,16 +270,12 @@ class QuantizedStorage(KVStorage):
             in_window = torch.where(slot < s, slot, slot - s - nq + n_sink)
             index = torch.where(slot >= cut, slot - cut + n_sink + n_res, in_window)
             exact_keys = exact_keys.float().index_put((bi, hi, index), fn(exact_keys[bi, hi, index].float()))
-        parts = [kernels.dense_partial(q, exact_keys, torch.cat(ex_v, dim=2), mask)]
-        if n_body:
-            q_body = q if self.key_rotation is None else q @ self.key_rotation.float()
-            body_mask = None if allowed is None else allowed[..., s : s + n_body]
-            part = kernels.quantized_decode(
-                q_body, self._packed(n_body), body_mask, backend=self.kernels, dtype=self.dtype
-            )
-            out = part.out if self.value_rotation is None else part.out @ self.value_rotation.float().T
-            parts.append(kernels.AttentionPartial(out, part.lse))
-        out = kernels.merge(parts).out.view(b, h, groups, q_len, d)
+        part = kernels.quantized_layer_decode(
+            q, self._packed(n_body) if n_body else None, exact_keys, torch.cat(ex_v, dim=2), q_len,
+            body_mask=None if allowed is None else allowed[..., s : s + n_body], exact_mask=mask,
+            key_rotation=self.key_rotation, value_rotation=self.value_rotation, backend=self.kernels, dtype=self.dtype,
+        )  # fmt: skip
+        out = part.out.view(b, h, groups, q_len, d)
         return out.reshape(b, q_heads, q_len, d).transpose(1, 2).to(query.dtype)
 
     def _packed(self, n_tokens: int) -> kernels.PackedBody:

@@ -37,6 +37,8 @@ class AttentionView:
             attention then uses ``q @ R`` so that ``q . k`` is unchanged. ``None`` when not rotated.
         value_rotation: ``[head_dim, head_dim]`` orthonormal ``Rv`` when values are held as ``V @ Rv``;
             attention multiplies its output by ``Rv^T``. ``None`` when not rotated.
+        decode_masks_padding: ``True`` when the view's ``decode`` skips its padding slots by itself (ragged
+            storage reads per-head lengths), so a one-token causal decode step needs no mask at all.
     """
 
     keys: torch.Tensor
@@ -45,6 +47,7 @@ class AttentionView:
     valid: torch.Tensor | None
     key_rotation: torch.Tensor | None = None
     value_rotation: torch.Tensor | None = None
+    decode_masks_padding: bool = False
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -84,6 +87,7 @@ class LazyAttentionView(AttentionView):
         value_rotation: torch.Tensor | None = None,
         rotate_exact_keys: Callable[[tuple[torch.Tensor, ...], Callable[[torch.Tensor], torch.Tensor]],
                                     "AttentionView | None"] | None = None,  # fmt: skip
+        decode_masks_padding: bool = False,
     ):
         # AttentionView's dataclass __init__ is not called: keys/values are properties here.
         self._shape = tuple(shape)
@@ -100,6 +104,7 @@ class LazyAttentionView(AttentionView):
         # `where` is not held exactly (e.g. quantized), so the caller builds the keys instead. Used by
         # kvpress.reposition to move StreamingLLM's sinks without dequantizing the layer.
         self.rotate_exact_keys = rotate_exact_keys
+        self.decode_masks_padding = decode_masks_padding
 
     def _built(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._kv is None:

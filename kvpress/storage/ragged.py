@@ -1,16 +1,24 @@
 """Ragged storage: each (batch row, KV head) holds its own number of tokens, with no padding held.
 
 Layout (the varlen layout of AdaKV and flash-attention's varlen kernels): all tokens of all heads are
-concatenated head after head in row-major ``(batch, kv_head)`` order, each head's tokens in increasing position:
+concatenated head after head in row-major ``(batch, kv_head)`` order, each head's tokens in increasing position,
+followed by a dense *tail* of the tokens appended since the layout was last rebuilt (decode appends the same
+tokens to every head, so they need no per-head offsets):
 
     keys      [total_tokens, head_dim]
     values    [total_tokens, head_dim]
     positions [total_tokens]            int32
-    lengths   [batch, kv_heads]         int64, tokens held per head
+    lengths   [batch, kv_heads]         int64, tokens held per head in the flat part
+    tail_k, tail_v [batch, kv_heads, n_tail, head_dim], tail_positions [n_tail] int32 (after every head's segment)
 
-Attention gets a :class:`~kvpress.storage.LazyAttentionView`: decode steps read the flat layout directly
-(:func:`kvpress.kernels.ragged_decode`: a fused Triton varlen kernel on CUDA, a chunked torch path on CPU; no
-padding read), and the padded ``[batch, kv_heads, max_len, head_dim]`` tensors plus a validity mask are built
+Why the tail: rebuilding the flat layout moves every held token, so appending one decode token to it cost a
+copy of the whole layer per step. The tail takes new tokens at the cost of copying only itself, and is folded
+into the flat part when it reaches :data:`TAIL_TOKENS` tokens or before an eviction (amortised: one rebuild per
+``TAIL_TOKENS`` steps). Nothing is held twice and no slack is allocated, so bytes stay exact.
+
+Attention gets a :class:`~kvpress.storage.LazyAttentionView`: decode steps read the flat layout and the tail
+directly (:func:`kvpress.kernels.ragged_decode`: a fused Triton varlen kernel on CUDA, a fused C++ kernel on CPU;
+no padding read), and the padded ``[batch, kv_heads, max_len, head_dim]`` tensors plus a validity mask are built
 only when something reads ``keys``/``values`` (a policy, a prefill or extend forward). The padding exists only
 during that step and is never held by the cache.
 """
@@ -23,6 +31,9 @@ from kvpress import kernels
 from kvpress.storage.base import AttentionView, KVStorage, LazyAttentionView
 from kvpress.storage.dense import POSITION_DTYPE, DenseStorage
 
+# Tokens the dense tail holds before it is folded into the flat layout.
+TAIL_TOKENS = 64
+
 
 class RaggedStorage(KVStorage):
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor):
@@ -30,6 +41,9 @@ class RaggedStorage(KVStorage):
         self.values = values
         self.positions = positions
         self.lengths_ = lengths
+        self.tail_k: torch.Tensor | None = None
+        self.tail_v: torch.Tensor | None = None
+        self.tail_positions: torch.Tensor | None = None
 
     @classmethod
     def from_padded(
@@ -44,38 +58,64 @@ class RaggedStorage(KVStorage):
             keep.sum(dim=-1).to(torch.long),
         )
 
+    @property
+    def n_tail(self) -> int:
+        return 0 if self.tail_k is None else self.tail_k.shape[2]
+
     def lengths(self) -> torch.Tensor:
-        return self.lengths_
+        return self.lengths_ + self.n_tail
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.keys, self.values, self.positions, self.lengths_]
+        tail = [t for t in (self.tail_k, self.tail_v, self.tail_positions) if t is not None]
+        return [self.keys, self.values, self.positions, self.lengths_, *tail]
 
     def _slot_valid(self) -> torch.Tensor:
-        max_len = int(self.lengths_.max()) if self.lengths_.numel() else 0
-        slots = torch.arange(max_len, device=self.lengths_.device)
-        return slots < self.lengths_.unsqueeze(-1)
+        lengths = self.lengths()
+        max_len = int(lengths.max()) if lengths.numel() else 0
+        slots = torch.arange(max_len, device=lengths.device)
+        return slots < lengths.unsqueeze(-1)
+
+    def _tail_slots(self) -> torch.Tensor:
+        """``[batch, kv_heads, n_tail]`` slot of each tail token in the padded view (right after its head's flat
+        segment)."""
+        return self.lengths_.unsqueeze(-1) + torch.arange(self.n_tail, device=self.lengths_.device)
 
     def view(self) -> AttentionView:
         valid = self._slot_valid()
         batch, heads, max_len = valid.shape
+        n_tail = self.n_tail
+        flat_valid = valid if not n_tail else torch.arange(max_len, device=valid.device) < self.lengths_.unsqueeze(-1)
         positions = torch.zeros(batch, heads, max_len, dtype=torch.long, device=self.keys.device)
-        positions[valid] = self.positions.long()
+        positions[flat_valid] = self.positions.long()
+        tail_slots = self._tail_slots() if n_tail else None
+        if n_tail:
+            positions.scatter_(2, tail_slots, self.tail_positions.long().expand(batch, heads, n_tail))
         keys, values, lengths = self.keys, self.values, self.lengths_
+        tail_k, tail_v = self.tail_k, self.tail_v
 
         def materialise() -> tuple[torch.Tensor, torch.Tensor]:
             dim = keys.shape[-1]
             padded_k = keys.new_zeros(batch, heads, max_len, dim)
             padded_v = values.new_zeros(batch, heads, max_len, dim)
-            padded_k[valid] = keys
-            padded_v[valid] = values
+            padded_k[flat_valid] = keys
+            padded_v[flat_valid] = values
+            if n_tail:
+                index = tail_slots.unsqueeze(-1).expand(batch, heads, n_tail, dim)
+                padded_k.scatter_(2, index, tail_k)
+                padded_v.scatter_(2, index, tail_v)
             return padded_k, padded_v
 
         def decode(query: torch.Tensor, allowed: torch.Tensor | None, scaling: float) -> torch.Tensor:
             b, q_heads, q_len, d = query.shape
             groups = q_heads // heads
             q = (query.float() * scaling).reshape(b, heads, groups * q_len, d)
-            mask = None if allowed is None else allowed.transpose(-1, -2)[valid]  # [total_tokens, q_len]
-            part = kernels.ragged_decode(q, keys, values, lengths, mask, max_length=max_len)
+            mask = tail_mask = None
+            if allowed is not None:
+                mask = allowed.transpose(-1, -2)[flat_valid]  # [flat tokens, q_len]
+                if n_tail:
+                    tail_mask = allowed.gather(3, tail_slots.unsqueeze(2).expand(b, heads, q_len, n_tail))
+            tail = (tail_k, tail_v, tail_mask) if n_tail else None
+            part = kernels.ragged_decode(q, keys, values, lengths, mask, max_length=max_len, tail=tail)
             out = part.out.view(b, heads, groups, q_len, d).reshape(b, q_heads, q_len, d)
             return out.transpose(1, 2).to(query.dtype)
 
@@ -86,18 +126,35 @@ class RaggedStorage(KVStorage):
             decode=decode,
             positions=positions,
             valid=valid,
+            decode_masks_padding=True,
         )
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, start_position: int) -> None:
-        batch, heads, new, dim = keys.shape
+        new = keys.shape[2]
+        pos = torch.arange(start_position, start_position + new, device=keys.device, dtype=POSITION_DTYPE)
+        if self.tail_k is None:
+            self.tail_k, self.tail_v, self.tail_positions = keys.clone(), values.clone(), pos
+        else:
+            self.tail_k = torch.cat([self.tail_k, keys], dim=2)
+            self.tail_v = torch.cat([self.tail_v, values], dim=2)
+            self.tail_positions = torch.cat([self.tail_positions, pos])
+        if self.n_tail >= TAIL_TOKENS:
+            self.fold_tail()
+
+    def fold_tail(self) -> None:
+        """Move the tail into the flat layout (every held token moves once; positions and order unchanged)."""
+        if self.tail_k is None:
+            return
+        batch, heads, new, dim = self.tail_k.shape
         old_lengths = self.lengths_.flatten()
         n_segments = old_lengths.numel()
         new_lengths = old_lengths + new
         new_starts = torch.cumsum(new_lengths, 0) - new_lengths
+        device = self.keys.device
         # Every token of segment s moves right by s * new (each earlier segment grew by `new` tokens).
-        segment_of_token = torch.repeat_interleave(torch.arange(n_segments, device=keys.device), old_lengths)
-        old_dest = torch.arange(self.keys.shape[0], device=keys.device) + segment_of_token * new
-        new_dest = ((new_starts + old_lengths).unsqueeze(-1) + torch.arange(new, device=keys.device)).flatten()
+        segment_of_token = torch.repeat_interleave(torch.arange(n_segments, device=device), old_lengths)
+        old_dest = torch.arange(self.keys.shape[0], device=device) + segment_of_token * new
+        new_dest = ((new_starts + old_lengths).unsqueeze(-1) + torch.arange(new, device=device)).flatten()
 
         total = self.keys.shape[0] + n_segments * new
         out_k = self.keys.new_empty(total, dim)
@@ -106,14 +163,15 @@ class RaggedStorage(KVStorage):
         out_k[old_dest] = self.keys
         out_v[old_dest] = self.values
         out_p[old_dest] = self.positions
-        out_k[new_dest] = keys.reshape(n_segments * new, dim)
-        out_v[new_dest] = values.reshape(n_segments * new, dim)
-        new_pos = torch.arange(start_position, start_position + new, device=keys.device, dtype=POSITION_DTYPE)
-        out_p[new_dest] = new_pos.repeat(n_segments)
+        out_k[new_dest] = self.tail_k.reshape(n_segments * new, dim)
+        out_v[new_dest] = self.tail_v.reshape(n_segments * new, dim)
+        out_p[new_dest] = self.tail_positions.repeat(n_segments)
         self.keys, self.values, self.positions = out_k, out_v, out_p
         self.lengths_ = new_lengths.view(batch, heads)
+        self.tail_k = self.tail_v = self.tail_positions = None
 
     def select(self, keep: torch.Tensor) -> KVStorage:
+        self.fold_tail()  # the padded view's slots are the same before and after folding
         valid = self._slot_valid()
         keep = keep & valid
         flat_keep = keep[valid]

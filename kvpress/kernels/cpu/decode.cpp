@@ -1,0 +1,400 @@
+// Fused CPU decode attention for kvpress: one pass over each held byte, built by torch's extension tooling
+// (kvpress/kernels/cpu_decode.py). Two entry points, each the twin of a torch path in kvpress/kernels/:
+//
+//   quant_decode   attention of the M query rows of each (batch, kv_head) over a packed quantized body
+//                  (KIVI axes: keys per-channel in groups of G tokens, values per-token groups of channels;
+//                  2/3/4/8-bit codes in int32 words, little-endian bit stream) and an exact full-precision
+//                  segment (sinks, residual window, this step's tokens), merged by log-sum-exp. The query is
+//                  rotated into the body's key basis and the body's output rotated back here, so the caller
+//                  makes one call per layer. Twin of quant_decode_torch + dense_partial + merge.
+//   ragged_decode  attention over heads holding different numbers of tokens (varlen layout [T, D] with
+//                  segment offsets) plus an optional dense tail [B, H, n_tail, D] shared by every head.
+//                  Twin of ragged_decode_torch (+ dense_partial + merge for the tail).
+//
+// Rows: M = (q_heads / kv_heads) * q_len; row m is query token m % L of its head. Masks are per query token.
+// Work is split over (batch, kv_head, token split) with at::parallel_for (torch's intra-op threads), each split
+// keeping an online softmax (running max, sum, unnormalised output) in float32; splits merge exactly.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int TB = 32;  // tokens per block of logits
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+// A boolean mask read as ptr[l * stride_l + t * stride_t] (null: everything allowed).
+struct Mask {
+  const bool* ptr = nullptr;
+  int64_t stride_l = 0;
+  int64_t stride_t = 0;
+  int64_t L = 1;
+  inline bool allowed(int m, int64_t t) const {
+    return ptr == nullptr || ptr[(m % L) * stride_l + t * stride_t];
+  }
+};
+
+// Online-softmax state of M rows over some tokens: running max, sum and unnormalised output [M, D].
+struct Partial {
+  float* mx;
+  float* sm;
+  float* acc;
+};
+
+template <int BITS>
+inline void unpack_row(const int32_t* __restrict w, int D, float* __restrict out) {
+  if constexpr (BITS == 3) {
+    for (int i = 0; i < D; ++i) {
+      const int s = 3 * i, wi = s >> 5, off = s & 31;
+      const uint64_t lo = static_cast<uint32_t>(w[wi]);
+      const uint64_t hi = off > 29 ? static_cast<uint64_t>(static_cast<uint32_t>(w[wi + 1])) : 0u;
+      out[i] = static_cast<float>(((lo | (hi << 32)) >> off) & 7u);
+    }
+  } else {
+    constexpr int PER = 32 / BITS;
+    constexpr uint32_t MASK = (1u << BITS) - 1u;
+    for (int i = 0; i < D; ++i) {
+      out[i] = static_cast<float>((static_cast<uint32_t>(w[i / PER]) >> (BITS * (i % PER))) & MASK);
+    }
+  }
+}
+
+inline void unpack(int bits, const int32_t* w, int D, float* out) {
+  switch (bits) {
+    case 2: unpack_row<2>(w, D, out); break;
+    case 3: unpack_row<3>(w, D, out); break;
+    case 4: unpack_row<4>(w, D, out); break;
+    default: unpack_row<8>(w, D, out); break;
+  }
+}
+
+inline float dot(const float* __restrict a, const float* __restrict b, int D) {
+  float s = 0.f;
+  for (int d = 0; d < D; ++d) s += a[d] * b[d];
+  return s;
+}
+
+// Fold one block of logits lg [M, TB] (first nt columns) and values vb [nt, D] into the running state.
+inline void fold_block(Partial p, int M, int D, int nt, const float* lg, const float* vb) {
+  for (int m = 0; m < M; ++m) {
+    const float* row = lg + m * TB;
+    float bmax = NEG_INF;
+    for (int t = 0; t < nt; ++t) bmax = std::max(bmax, row[t]);
+    if (bmax == NEG_INF) continue;
+    const float old = p.mx[m];
+    const float nm = std::max(old, bmax);
+    float* __restrict a = p.acc + static_cast<int64_t>(m) * D;
+    if (old != nm) {
+      const float alpha = std::exp(old - nm);  // 0 when old is -inf
+      p.sm[m] *= alpha;
+      for (int d = 0; d < D; ++d) a[d] *= alpha;
+    }
+    float sum = 0.f;
+    for (int t = 0; t < nt; ++t) {
+      if (row[t] == NEG_INF) continue;
+      const float w = std::exp(row[t] - nm);
+      sum += w;
+      const float* __restrict v = vb + static_cast<int64_t>(t) * D;
+      for (int d = 0; d < D; ++d) a[d] += w * v[d];
+    }
+    p.sm[m] += sum;
+    p.mx[m] = nm;
+  }
+}
+
+// Attention of rows q [M, D] over full-precision tokens k, v (row stride D, n tokens, element type T).
+template <typename T>
+void attend_exact(const float* q, int M, int D, const T* k, const T* v, int64_t n, const Mask& mask, Partial p) {
+  float lg[64 * TB];
+  std::vector<float> kb(static_cast<size_t>(D)), vb(static_cast<size_t>(TB) * D);
+  for (int64_t t0 = 0; t0 < n; t0 += TB) {
+    const int nt = static_cast<int>(std::min<int64_t>(TB, n - t0));
+    for (int t = 0; t < nt; ++t) {
+      const T* kr = k + (t0 + t) * D;
+      const T* vr = v + (t0 + t) * D;
+      float* vo = vb.data() + static_cast<int64_t>(t) * D;
+      for (int d = 0; d < D; ++d) {
+        kb[d] = static_cast<float>(kr[d]);
+        vo[d] = static_cast<float>(vr[d]);
+      }
+      for (int m = 0; m < M; ++m) {
+        lg[m * TB + t] = mask.allowed(m, t0 + t) ? dot(q + static_cast<int64_t>(m) * D, kb.data(), D) : NEG_INF;
+      }
+    }
+    fold_block(p, M, D, nt, lg, vb.data());
+  }
+}
+
+// The packed body of one (batch, kv_head): pointers at its first token.
+template <typename S>
+struct Body {
+  const int32_t* k_codes;  // [N, wk]
+  const S* k_scale;        // [ng, D]
+  const S* k_zero;
+  const int32_t* v_codes;  // [N, wv]
+  const S* v_scale;        // [N, D / vg]
+  const S* v_zero;
+  const int32_t* group_ids;  // [N] or null
+  int64_t wk, wv;
+  int key_bits, value_bits, group_size, value_group;
+};
+
+// Attention of rows q [M, D] (in the body's key basis) over body tokens [t_begin, t_end).
+template <typename S>
+void attend_body(const float* q, int M, int D, const Body<S>& b, int64_t t_begin, int64_t t_end, const Mask& mask,
+                 Partial p) {
+  float lg[64 * TB];
+  const int ngv = D / b.value_group;
+  std::vector<float> qs(static_cast<size_t>(M) * D), qz(M), kc(D), vb(static_cast<size_t>(TB) * D);
+  int64_t group = -1;
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += TB) {
+    const int nt = static_cast<int>(std::min<int64_t>(TB, t_end - t0));
+    for (int t = 0; t < nt; ++t) {
+      const int64_t tok = t0 + t;
+      const int64_t g = b.group_ids ? b.group_ids[tok] : tok / b.group_size;
+      if (g != group) {  // fold this key group's per-channel scale into the query, its zero into a bias
+        group = g;
+        const S* sc = b.k_scale + g * D;
+        const S* ze = b.k_zero + g * D;
+        for (int m = 0; m < M; ++m) {
+          const float* qm = q + static_cast<int64_t>(m) * D;
+          float* qsm = qs.data() + static_cast<int64_t>(m) * D;
+          float z = 0.f;
+          for (int d = 0; d < D; ++d) {
+            qsm[d] = qm[d] * static_cast<float>(sc[d]);
+            z += qm[d] * static_cast<float>(ze[d]);
+          }
+          qz[m] = z;
+        }
+      }
+      unpack(b.key_bits, b.k_codes + tok * b.wk, D, kc.data());
+      for (int m = 0; m < M; ++m) {
+        lg[m * TB + t] = mask.allowed(m, tok) ? qz[m] + dot(qs.data() + static_cast<int64_t>(m) * D, kc.data(), D)
+                                              : NEG_INF;
+      }
+      float* vo = vb.data() + static_cast<int64_t>(t) * D;
+      unpack(b.value_bits, b.v_codes + tok * b.wv, D, vo);
+      const S* vs = b.v_scale + tok * ngv;
+      const S* vz = b.v_zero + tok * ngv;
+      for (int gi = 0; gi < ngv; ++gi) {
+        const float s = static_cast<float>(vs[gi]), z = static_cast<float>(vz[gi]);
+        float* x = vo + static_cast<int64_t>(gi) * b.value_group;
+        for (int d = 0; d < b.value_group; ++d) x[d] = z + x[d] * s;
+      }
+    }
+    fold_block(p, M, D, nt, lg, vb.data());
+  }
+}
+
+// out [M, D] = x [M, D] @ r (transpose_r: @ r^T), r [D, D] row-major.
+void matmul_rows(const float* x, const float* r, int M, int D, bool transpose_r, float* out) {
+  for (int m = 0; m < M; ++m) {
+    float* o = out + static_cast<int64_t>(m) * D;
+    std::fill(o, o + D, 0.f);
+    const float* xm = x + static_cast<int64_t>(m) * D;
+    if (transpose_r) {
+      for (int d = 0; d < D; ++d) o[d] = dot(xm, r + static_cast<int64_t>(d) * D, D);
+    } else {
+      for (int e = 0; e < D; ++e) {
+        const float xe = xm[e];
+        const float* re = r + static_cast<int64_t>(e) * D;
+        for (int d = 0; d < D; ++d) o[d] += xe * re[d];
+      }
+    }
+  }
+}
+
+// Merge P partial states (mx, sm [P, M], acc [P, M, D]) into out [M, D], lse [M].
+void merge_partials(int P, int M, int D, const float* mx, const float* sm, const float* acc, float* out, float* lse) {
+  for (int m = 0; m < M; ++m) {
+    float top = NEG_INF;
+    for (int i = 0; i < P; ++i) top = std::max(top, mx[i * M + m]);
+    float* o = out + static_cast<int64_t>(m) * D;
+    std::fill(o, o + D, 0.f);
+    if (top == NEG_INF) {
+      lse[m] = NEG_INF;
+      continue;
+    }
+    float total = 0.f;
+    for (int i = 0; i < P; ++i) {
+      if (mx[i * M + m] == NEG_INF) continue;
+      const float w = std::exp(mx[i * M + m] - top);
+      total += sm[i * M + m] * w;
+      const float* a = acc + (static_cast<int64_t>(i) * M + m) * D;
+      for (int d = 0; d < D; ++d) o[d] += w * a[d];
+    }
+    const float inv = total > 0.f ? 1.f / total : 1.f;
+    for (int d = 0; d < D; ++d) o[d] *= inv;
+    lse[m] = top + std::log(total);
+  }
+}
+
+// Token splits per head so that every thread gets work: at least 256 tokens a split.
+int64_t split_len(int64_t n, int64_t heads) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t per_head = std::max<int64_t>(1, (4 * threads + heads - 1) / heads);
+  const int64_t len = (n + per_head - 1) / per_head;
+  return std::max<int64_t>(256, (len + 63) / 64 * 64);
+}
+
+Mask mask_of(const c10::optional<at::Tensor>& mask, int64_t head, int64_t L, int64_t n, int64_t offset) {
+  Mask out;
+  if (mask.has_value() && mask->defined()) {
+    out.ptr = mask->data_ptr<bool>() + head * L * n + offset;
+    out.stride_l = n;
+    out.stride_t = 1;
+    out.L = L;
+  }
+  return out;
+}
+
+void check(bool ok, const char* what) { TORCH_CHECK(ok, "kvpress cpu decode: ", what); }
+
+}  // namespace
+
+std::vector<at::Tensor> quant_decode(const at::Tensor& q, const at::Tensor& k_codes, const at::Tensor& k_scale,
+                                     const at::Tensor& k_zero, const at::Tensor& v_codes, const at::Tensor& v_scale,
+                                     const at::Tensor& v_zero, const c10::optional<at::Tensor>& group_ids,
+                                     const c10::optional<at::Tensor>& body_mask,
+                                     const c10::optional<at::Tensor>& key_rotation,
+                                     const c10::optional<at::Tensor>& value_rotation, const at::Tensor& ex_k,
+                                     const at::Tensor& ex_v, const c10::optional<at::Tensor>& ex_mask,
+                                     int64_t key_bits, int64_t value_bits, int64_t group_size, int64_t value_group,
+                                     int64_t n_body, int64_t q_len) {
+  check(q.dim() == 4 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q must be contiguous float32 [B,H,M,D]");
+  const int64_t B = q.size(0), H = q.size(1), M = q.size(2), D = q.size(3);
+  check(M <= 64 && D <= 256, "at most 64 rows per KV head and head_dim <= 256");
+  check(ex_k.scalar_type() == at::kFloat && ex_k.is_contiguous() && ex_v.is_contiguous(), "exact K/V float32");
+  const int64_t E = ex_k.size(2);
+  const int64_t N = k_codes.size(2), NG = k_scale.size(2);
+  const int64_t splits = n_body > 0 ? (n_body + split_len(n_body, B * H) - 1) / split_len(n_body, B * H) : 0;
+  const int64_t slen = n_body > 0 ? split_len(n_body, B * H) : 1;
+  const int64_t P = splits + 1;  // body splits + the exact segment
+  auto opts = q.options();
+  at::Tensor mx = at::full({B * H, P, M}, NEG_INF, opts), sm = at::zeros({B * H, P, M}, opts);
+  at::Tensor acc = at::zeros({B * H, P, M, D}, opts);
+  at::Tensor out = at::empty({B, H, M, D}, opts), lse = at::empty({B, H, M}, opts);
+  const float* kr = key_rotation.has_value() && key_rotation->defined() ? key_rotation->data_ptr<float>() : nullptr;
+  const float* vr =
+      value_rotation.has_value() && value_rotation->defined() ? value_rotation->data_ptr<float>() : nullptr;
+  const int32_t* gid = group_ids.has_value() && group_ids->defined() ? group_ids->data_ptr<int32_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k_scale.scalar_type(), "kvpress_quant_decode", [&] {
+    using S = scalar_t;
+    at::parallel_for(0, B * H * P, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> qrot(static_cast<size_t>(M) * D), tmp(static_cast<size_t>(M) * D);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t bh = item / P, part = item % P;
+        const float* qh = q.data_ptr<float>() + bh * M * D;
+        Partial p{mx.data_ptr<float>() + (bh * P + part) * M, sm.data_ptr<float>() + (bh * P + part) * M,
+                  acc.data_ptr<float>() + (bh * P + part) * M * D};
+        if (part == splits) {  // the exact segment, unrotated
+          attend_exact<float>(qh, M, D, ex_k.data_ptr<float>() + bh * E * D, ex_v.data_ptr<float>() + bh * E * D,
+                              E, mask_of(ex_mask, bh, q_len, E, 0), p);
+          continue;
+        }
+        const float* qb = qh;
+        if (kr) {
+          matmul_rows(qh, kr, M, D, false, qrot.data());
+          qb = qrot.data();
+        }
+        Body<S> body{k_codes.data_ptr<int32_t>() + bh * N * k_codes.size(3),
+                     k_scale.data_ptr<S>() + bh * NG * D,
+                     k_zero.data_ptr<S>() + bh * NG * D,
+                     v_codes.data_ptr<int32_t>() + bh * N * v_codes.size(3),
+                     v_scale.data_ptr<S>() + bh * N * v_scale.size(3),
+                     v_zero.data_ptr<S>() + bh * N * v_zero.size(3),
+                     gid ? gid + bh * N : nullptr,
+                     k_codes.size(3), v_codes.size(3),
+                     static_cast<int>(key_bits), static_cast<int>(value_bits), static_cast<int>(group_size),
+                     static_cast<int>(value_group)};
+        const int64_t t0 = part * slen, t1 = std::min(n_body, t0 + slen);
+        attend_body<S>(qb, M, D, body, t0, t1, mask_of(body_mask, bh, q_len, n_body, 0), p);
+        if (vr) {  // the body's output back from the rotated value basis (linear: before normalising)
+          matmul_rows(p.acc, vr, M, D, true, tmp.data());
+          std::copy(tmp.begin(), tmp.end(), p.acc);
+        }
+      }
+    });
+  });
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      merge_partials(P, M, D, mx.data_ptr<float>() + bh * P * M, sm.data_ptr<float>() + bh * P * M,
+                     acc.data_ptr<float>() + bh * P * M * D, out.data_ptr<float>() + bh * M * D,
+                     lse.data_ptr<float>() + bh * M);
+    }
+  });
+  return {out, lse};
+}
+
+std::vector<at::Tensor> ragged_decode(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                                      const at::Tensor& offsets, const c10::optional<at::Tensor>& mask,
+                                      const c10::optional<at::Tensor>& tail_k, const c10::optional<at::Tensor>& tail_v,
+                                      const c10::optional<at::Tensor>& tail_mask, int64_t q_len) {
+  check(q.dim() == 4 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q must be contiguous float32 [B,H,M,D]");
+  check(keys.is_contiguous() && values.is_contiguous() && keys.scalar_type() == values.scalar_type(),
+        "keys/values contiguous, one dtype");
+  check(offsets.scalar_type() == at::kLong, "offsets int64");
+  const int64_t B = q.size(0), H = q.size(1), M = q.size(2), D = q.size(3);
+  check(M <= 64 && D <= 256, "at most 64 rows per KV head and head_dim <= 256");
+  const bool has_tail = tail_k.has_value() && tail_k->defined() && tail_k->size(2) > 0;
+  const int64_t NT = has_tail ? tail_k->size(2) : 0;
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  int64_t longest = 0;
+  for (int64_t s = 0; s < B * H; ++s) longest = std::max(longest, off[s + 1] - off[s]);
+  const int64_t slen = split_len(std::max<int64_t>(longest, 1), B * H);
+  const int64_t splits = std::max<int64_t>(1, (longest + slen - 1) / slen);
+  const int64_t P = splits + (has_tail ? 1 : 0);
+  auto opts = q.options();
+  at::Tensor mx = at::full({B * H, P, M}, NEG_INF, opts), sm = at::zeros({B * H, P, M}, opts);
+  at::Tensor acc = at::zeros({B * H, P, M, D}, opts);
+  at::Tensor out = at::empty({B, H, M, D}, opts), lse = at::empty({B, H, M}, opts);
+  const bool* mptr = mask.has_value() && mask->defined() ? mask->data_ptr<bool>() : nullptr;
+  const int64_t mask_cols = mptr ? mask->size(1) : 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, keys.scalar_type(), "kvpress_ragged_decode", [&] {
+    using T = scalar_t;
+    at::parallel_for(0, B * H * P, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t bh = item / P, part = item % P;
+        const float* qh = q.data_ptr<float>() + bh * M * D;
+        Partial p{mx.data_ptr<float>() + (bh * P + part) * M, sm.data_ptr<float>() + (bh * P + part) * M,
+                  acc.data_ptr<float>() + (bh * P + part) * M * D};
+        if (part == splits) {  // the dense tail
+          const T* tk = tail_k->data_ptr<T>() + bh * NT * D;
+          const T* tv = tail_v->data_ptr<T>() + bh * NT * D;
+          attend_exact<T>(qh, M, D, tk, tv, NT, mask_of(tail_mask, bh, q_len, NT, 0), p);
+          continue;
+        }
+        const int64_t seg0 = off[bh], seg_len = off[bh + 1] - off[bh];
+        const int64_t t0 = part * slen, t1 = std::min(seg_len, t0 + slen);
+        if (t0 >= t1) continue;
+        Mask m;
+        if (mptr) {
+          m.ptr = mptr + (seg0 + t0) * mask_cols;
+          m.stride_l = 1;
+          m.stride_t = mask_cols;
+          m.L = mask_cols;
+        }
+        attend_exact<T>(qh, M, D, keys.data_ptr<T>() + (seg0 + t0) * D, values.data_ptr<T>() + (seg0 + t0) * D,
+                        t1 - t0, m, p);
+      }
+    });
+  });
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      merge_partials(P, M, D, mx.data_ptr<float>() + bh * P * M, sm.data_ptr<float>() + bh * P * M,
+                     acc.data_ptr<float>() + bh * P * M * D, out.data_ptr<float>() + bh * M * D,
+                     lse.data_ptr<float>() + bh * M);
+    }
+  });
+  return {out, lse};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("quant_decode", &quant_decode, "kvpress fused quantized decode attention (CPU)");
+  m.def("ragged_decode", &ragged_decode, "kvpress fused ragged decode attention (CPU)");
+}
