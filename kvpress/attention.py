@@ -14,8 +14,8 @@ use SDPA.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from kvpress.kernels import dense_attention
 from kvpress.storage import AttentionView, LazyAttentionView
 
 # Query tokens per forward up to which a lazy (quantized / ragged) view is attended through its decode path.
@@ -46,7 +46,9 @@ def allowed_slots(
     batch, heads, seq = view.shape[:3]
     device = view.device
     if attention_mask is None:
-        if n == 1 and view.valid is None and q_len >= 1 and _all_in_past(view, q_start + q_len - 1, seq):
+        # One causal query: every held slot is in its past (a cache holds only tokens already fed), so a single
+        # decode query needs no mask; the last of several queries does once it is past every held position.
+        if n == 1 and view.valid is None and (q_len == 1 or _all_in_past(view, q_start + q_len - 1, seq)):
             return None
         positions = view.positions if view.positions is not None else torch.arange(seq, device=device).expand(batch, heads, seq)
         q_abs = torch.arange(q_start + q_len - n, q_start + q_len, device=device)
@@ -90,25 +92,10 @@ def attend(
     Returns:
         ``[batch, q_len, q_heads, head_dim]``, the layout transformers' attention functions return.
     """
-    batch, q_heads, q_len, _ = query.shape
+    q_len = query.shape[2]
     if allowed is not None:
         # A query with no allowed slot (a padding query) attends to everything instead of producing NaN.
         allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
     if reads_held_form(view, q_len):
         return view.decode(query, allowed, scaling)
-    kv_heads = view.keys.shape[1]
-    groups = q_heads // kv_heads
-    if view.key_rotation is not None:
-        query = query @ view.key_rotation.to(query.dtype)
-    # The query heads sharing a KV head attend together: K/V are read once, never repeated.
-    q = query.reshape(batch, kv_heads, groups * q_len, query.shape[-1])
-    mask = None
-    if allowed is not None:
-        mask = allowed.unsqueeze(2).expand(batch, kv_heads, groups, q_len, allowed.shape[-1])
-        mask = mask.reshape(batch, kv_heads, groups * q_len, allowed.shape[-1])
-    keys, values = view.keys.to(query.dtype), view.values.to(query.dtype)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
-    out = out.reshape(batch, q_heads, q_len, values.shape[-1])
-    if view.value_rotation is not None:
-        out = out @ view.value_rotation.to(out.dtype).transpose(-1, -2)
-    return out.transpose(1, 2).contiguous()
+    return dense_attention(query, view.keys, view.values, allowed, scaling, view.key_rotation, view.value_rotation)

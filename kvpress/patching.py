@@ -36,6 +36,7 @@ from kvpress.policies.base import Policy
 from kvpress.policies.pipeline import Pipeline, is_storage_spec
 from kvpress.reposition import reposition, rope_inv_freqs
 from kvpress.storage import LazyAttentionView
+from kvpress.storage.dense import DenseSpec
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 # Model types tested in the suite. Others that follow transformers' AttentionInterface design usually work:
@@ -53,16 +54,25 @@ def resolve_policy(policy: Any) -> tuple[Policy | None, StorageFactory]:
     if policy is None:
         return None, dense_storage_factory
     if isinstance(policy, Pipeline):
-        factory = policy.storage.create_storage if policy.storage is not None else dense_storage_factory
+        factory = policy.storage.create_storage if policy.storage is not None else _dense_factory(policy.policies)
         return (policy if policy.policies else None), factory
     if isinstance(policy, Policy):
-        return policy, dense_storage_factory
+        return policy, _dense_factory([policy])
     if is_storage_spec(policy):
         return None, policy.create_storage
     raise ValueError(
         f"policy must be None, a kvpress.policies.Policy, a storage spec (e.g. a quantizer) or a Pipeline "
         f"of them, got {policy!r}"
     )
+
+
+def _dense_factory(policies: list[Policy]) -> StorageFactory:
+    """Dense storage; split by head class when a policy keeps fixed classes of heads (DuoAttention): each class
+    dense on its own, so evicting from one never rebuilds the other, where ragged storage would copy the layer."""
+    splitters = [p for p in policies if callable(getattr(p, "split_storage", None))]
+    if splitters:
+        return splitters[0].split_storage(DenseSpec()).create_storage
+    return dense_storage_factory
 
 
 class PatchSession:
@@ -99,6 +109,7 @@ class PatchSession:
         self.wants_hidden = bool(getattr(self.policy, "wants_hidden_states", False))
         if self.policy is not None:
             self.policy.attach(model)
+        self.acts_at_decode = self.policy is not None and self.policy.acts_at("decode")
         if self.policy is not None and getattr(self.policy, "reposition", False):
             self.inv_freq = dict(enumerate(rope_inv_freqs(model)))
 
@@ -261,6 +272,8 @@ class PatchSession:
         q_len = query.shape[2]
         q_start = layer.seen_tokens - q_len
         phase = "prefill" if q_start == 0 else ("decode" if q_len == 1 else "extend")
+        if self.observer is None and phase == "decode" and not self.acts_at_decode:
+            return  # a prompt-only policy costs nothing per decode step
         if view.key_rotation is not None:
             query = query @ view.key_rotation.to(query.dtype)
         positions = view.positions

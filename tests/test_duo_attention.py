@@ -135,7 +135,11 @@ def test_prefill_chunks_and_decode_hold_exact_sinks_window_and_everything():
         for start, stop in [(0, 9), (9, 15), (15, 21)]:
             out = model(ids[:, start:stop], **cache_kwargs(model, cache), use_cache=True)
             _check_heads(cache, stop)
-        assert type(cache.layers[0].storage).__name__ == "RaggedStorage"
+        # streaming and retrieval heads each dense in their own part: no ragged layout to rebuild per step
+        storage = cache.layers[0].storage
+        assert type(storage).__name__ == "HeadSplitStorage"
+        assert [type(p).__name__ for p in storage.parts] == ["DenseStorage", "DenseStorage"]
+        assert sorted(p.keys.shape[2] for p in storage.parts) == [SINK + WINDOW, 21]
         for step in range(6):  # decoding: streaming heads stay at sinks + window
             out = model(out.logits[:, -1:].argmax(-1), **cache_kwargs(model, cache), use_cache=True)
             _check_heads(cache, 22 + step)
@@ -308,3 +312,27 @@ def test_cli_parses_identify_and_prints_pattern_info(tmp_path, capsys):
     assert main(["duo", "info", str(path), "--sparsity", "0.5"]) == 0
     printed = capsys.readouterr().out
     assert "format: kvpress-duo-pattern/1" in printed and "0.100*" in printed and "0.900 " in printed
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_head_split_decode_reads_each_dense_part_in_place_like_the_merged_view(monkeypatch, arch):
+    """Decode over DuoAttention's two dense head groups (each attended in place) gives the logits of SDPA over the
+    merged, masked view, batch > 1 included."""
+    import kvpress.attention
+
+    model = tiny_model(arch)
+    ids = torch.randint(3, 100, (2, 17), generator=torch.Generator().manual_seed(1))
+    logits = {}
+    for name, limit in (("in place", kvpress.attention.DECODE_MAX_QUERIES), ("merged", 0)):
+        monkeypatch.setattr(kvpress.attention, "DECODE_MAX_QUERIES", limit)
+        with torch.no_grad(), kvpress.patch(model, DuoAttention(_pattern(model), n_sink=SINK, window=WINDOW)):
+            out = model(ids, use_cache=True)
+            cache = output_cache(out)
+            steps, token = [], out.logits[:, -1:].argmax(-1)
+            for _ in range(5):
+                out = model(token, **cache_kwargs(model, cache), use_cache=True)
+                steps.append(out.logits)
+                token = out.logits[:, -1:].argmax(-1)
+            assert type(cache.layers[0].storage).__name__ == "HeadSplitStorage"
+        logits[name] = torch.cat(steps, 1)
+    torch.testing.assert_close(logits["in place"], logits["merged"], rtol=1e-5, atol=1e-5)

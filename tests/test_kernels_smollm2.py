@@ -18,11 +18,12 @@ PROMPT = (
     "secret word of the keeper? Answer:"
 )
 NEW_TOKENS = 8
+FAST_PATH_TOKENS = 70  # past one fold of the ragged tail (TAIL_TOKENS = 64)
 
 
-def _generate(model, ids, spec):
+def _generate(model, ids, spec, new_tokens=NEW_TOKENS):
     with torch.no_grad(), kvpress.patch(model, spec):
-        out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True,
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, output_scores=True,
                              return_dict_in_generate=True)  # fmt: skip
     return out.sequences[0, ids.shape[1] :], torch.stack(out.scores)
 
@@ -43,3 +44,40 @@ def test_generation_through_triton_equals_torch_and_materialised(smollm2, monkey
     assert torch.equal(torch_tokens, materialised_tokens)
     torch.testing.assert_close(triton_scores, torch_scores, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch_scores, materialised_scores, rtol=1e-4, atol=1e-4)
+
+
+# Every configuration of benchmarks/decode_speed.py: the fast CPU paths (C++ kernels, ragged tail, DuoAttention's
+# dense head groups read in place) against the torch kernels and against the materialised path (build the view,
+# then SDPA with masks).
+FAST_PATH_CONFIGS = [
+    "kvquant(bits=2, residual=16)",
+    "kvquant(bits=4, residual=16)",
+    "snapkv(compression_ratio=0.5) | kvquant(bits=2, residual=16)",
+    "adakv(snapkv(), compression_ratio=0.5)",
+    "duo_attention(sparsity=0.5, n_sink=4, window=32)",
+    "h2o(budget=200)",
+]
+
+
+@pytest.mark.parametrize("expression", FAST_PATH_CONFIGS)
+def test_generation_through_cpu_fast_paths_equals_torch_and_materialised(smollm2, monkeypatch, expression):
+    from kvpress.eval.perplexity import default_text
+    from kvpress.kernels import cpu_decode
+    from kvpress.sweep.expr import expand
+
+    if cpu_decode.load_error() is not None:
+        pytest.skip(cpu_decode.load_error())
+    model, tokenizer = smollm2
+    ids = tokenizer(default_text()[:3000] + "\n\n" + PROMPT, return_tensors="pt").input_ids[:, -600:]
+    config = expand(expression)[0]
+    runs = {}
+    with kernels.force_backend("cpp"):
+        runs["cpp"] = _generate(model, ids, config.build(ids.shape[1]), FAST_PATH_TOKENS)
+    with kernels.force_backend("torch"):
+        runs["torch"] = _generate(model, ids, config.build(ids.shape[1]), FAST_PATH_TOKENS)
+    monkeypatch.setattr(kvpress.attention, "DECODE_MAX_QUERIES", 0)
+    runs["materialised"] = _generate(model, ids, config.build(ids.shape[1]), FAST_PATH_TOKENS)
+    assert torch.equal(runs["cpp"][0], runs["torch"][0]), expression
+    assert torch.equal(runs["torch"][0], runs["materialised"][0]), expression
+    torch.testing.assert_close(runs["cpp"][1], runs["torch"][1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(runs["cpp"][1], runs["materialised"][1], rtol=1e-4, atol=1e-4)

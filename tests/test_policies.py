@@ -160,3 +160,24 @@ def test_pipeline_intersects_policies():
     assert ((positions < 2) | (positions >= 10)).all()
     with pytest.raises(ValueError, match="pipeline stages must be"):
         Pipeline(SnapKV(), "quantize")
+
+
+def test_prompt_only_policies_are_not_called_while_decoding():
+    """SnapKV (a plain scorer) is skipped at decode steps; H2O (observes every forward) and a pipeline holding
+    it are still called."""
+    from kvpress.policies import H2O, SnapKV
+
+    class CountingSnapKV(SnapKV):
+        def score(self, ctx):
+            phases.append(ctx.phase)
+            return super().score(ctx)
+
+    assert not SnapKV(compression_ratio=0.5).acts_at("decode") and SnapKV().acts_at("prefill")
+    assert H2O(compression_ratio=0.5).acts_at("decode")
+    assert (SnapKV(compression_ratio=0.5) | H2O(compression_ratio=0.5)).acts_at("decode")
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    phases: list[str] = []
+    with torch.no_grad(), kvpress.patch(model, CountingSnapKV(compression_ratio=0.5)):
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert phases == ["prefill"] * model.config.num_hidden_layers

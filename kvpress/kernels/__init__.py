@@ -10,12 +10,14 @@ Below ``kvpress.storage`` and ``kvpress.quant``: tensors in, tensors out, no imp
 * :mod:`~kvpress.kernels.cpu_decode`: the fused C++ CPU kernels (quantized layer and ragged decode), built
   once with torch's extension tooling.
 * :mod:`~kvpress.kernels.quant_pack_triton`: quantize-and-pack, bit-exact with ``kvpress.quant.quantize``.
+* :mod:`~kvpress.kernels.dense_attention`: SDPA over dense K/V with grouped query heads (K/V never repeated).
 * :mod:`~kvpress.kernels.partial`: partial attention states and their log-sum-exp merge.
 * :mod:`~kvpress.kernels.dispatch`: which one runs (``KVPRESS_KERNELS=auto|torch|triton|cpp``).
 
 Triton modules are imported only when a Triton path is chosen, so ``import kvpress`` never needs Triton.
 """
 
+from kvpress.kernels.dense_attention import dense_attention
 from kvpress.kernels.dispatch import (
     ENV_VAR,
     choose_backend,
@@ -34,6 +36,7 @@ __all__ = [
     "AttentionPartial",
     "PackedBody",
     "choose_backend",
+    "dense_attention",
     "dense_partial",
     "force_backend",
     "merge",

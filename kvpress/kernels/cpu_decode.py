@@ -120,14 +120,14 @@ def quant_decode_cpu(
         b, h, _, d = q.shape
         empty = q.new_zeros(b, h, 1, 1)
         empty_i = torch.zeros(b, h, 1, 1, dtype=torch.int32)
-        out, lse = module.quant_decode(
+        out, lse = _profiled("quant_decode", module.quant_decode,
             q, empty_i, empty, empty, empty_i, empty, empty, None, None, None, None,
             ex_k, ex_v, _bool(exact_mask), 2, 2, 1, 1, 0, q_len,
         )  # fmt: skip
         return AttentionPartial(out, lse)
     if body.rank or body.n_outliers:
         raise ValueError("the C++ quantized decode kernel does not take GEAR low-rank or outlier terms")
-    out, lse = module.quant_decode(
+    out, lse = _profiled("quant_decode", module.quant_decode,
         q, *(t.contiguous() for t in (body.k_codes, body.k_scale, body.k_zero, body.v_codes, body.v_scale,
                                       body.v_zero)),
         None if body.group_ids is None else body.group_ids.to(torch.int32).contiguous(), _bool(body_mask), _f32(key_rotation), _f32(value_rotation),
@@ -155,12 +155,20 @@ def ragged_decode_cpu(
     module, error = _load()
     if module is None:
         raise RuntimeError(error)
-    out, lse = module.ragged_decode(
+    out, lse = _profiled("ragged_decode", module.ragged_decode,
         query.float().contiguous(), keys.contiguous(), values.contiguous(), offsets.long().contiguous(),
         _bool(mask), None if tail_keys is None else tail_keys.to(keys.dtype).contiguous(),
         None if tail_values is None else tail_values.to(keys.dtype).contiguous(), _bool(tail_mask), q_len,
     )  # fmt: skip
     return AttentionPartial(out, lse)
+
+
+def _profiled(name: str, fn, *args):
+    """``fn(*args)``, named ``kvpress::<name>`` in a ``torch.profiler`` trace (extension calls are not aten ops)."""
+    if torch.autograd.profiler._is_profiler_enabled:
+        with torch.profiler.record_function(f"kvpress::{name}"):
+            return fn(*args)
+    return fn(*args)
 
 
 def _bool(mask: torch.Tensor | None) -> torch.Tensor | None:

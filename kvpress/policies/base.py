@@ -35,6 +35,12 @@ class Policy(ABC):
     @abstractmethod
     def select(self, ctx: LayerContext) -> torch.Tensor | None: ...
 
+    def acts_at(self, phase: str) -> bool:
+        """Whether :meth:`select` can do anything in a forward of this ``phase`` (prefill / extend / decode).
+        ``False`` lets the patch skip the policy entirely in that phase (no context built, nothing called): a
+        policy that only compresses the prompt then costs nothing per decode step. Default: always acts."""
+        return True
+
     def attach(self, model: Any) -> None:
         """Called once by :func:`kvpress.patch` with the model, before any forward: a policy that needs the model
         (a predictor trained for it) loads and checks what it needs here; the default does nothing."""
@@ -151,6 +157,15 @@ class ScorePolicy(Policy):
 
     def applies_to(self, ctx: LayerContext) -> bool:
         return ctx.phase == "prefill" or (self.every_chunk and ctx.phase == "extend")
+
+    def acts_at(self, phase: str) -> bool:
+        if phase != "decode":
+            return True
+        # Plain scorers compress the prompt only; one that observes every forward (H2O's mass), decides per
+        # step (applies_to) or selects its own way acts while decoding too.
+        cls = type(self)
+        return (cls.applies_to is not ScorePolicy.applies_to or cls.observe is not ScorePolicy.observe
+                or cls.select is not ScorePolicy.select)
 
     def held_budget(self, ctx: LayerContext, key: str) -> torch.Tensor:
         """``[batch, kv_heads]`` tokens each head holds from the first forward on, for policies that evict while

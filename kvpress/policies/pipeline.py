@@ -65,6 +65,9 @@ class Pipeline(Policy):
     def stages(self) -> list[Any]:
         return [*self.policies, *([self.storage] if self.storage is not None else [])]
 
+    def acts_at(self, phase: str) -> bool:
+        return any(p.acts_at(phase) for p in self.policies)
+
     def select(self, ctx: LayerContext) -> torch.Tensor | None:
         keep = None
         for policy in self.policies:

@@ -107,3 +107,17 @@ def _arange_positions(like: torch.Tensor, start: int) -> torch.Tensor:
     batch, heads, seq = like.shape[:3]
     pos = torch.arange(start, start + seq, device=like.device, dtype=POSITION_DTYPE)
     return pos.expand(batch, heads, seq).contiguous()
+
+
+class DenseSpec:
+    """The storage spec of plain dense storage: what an eviction policy gets when no quantizer is given.
+
+    A policy whose heads fall in fixed classes (DuoAttention) wraps it with its ``split_storage`` so that each
+    class is held in its own dense storage (:class:`~kvpress.storage.head_split.HeadSplitStorage`)."""
+
+    def create_storage(self, layer_idx: int) -> DenseStorage:
+        return DenseStorage()
+
+    def __repr__(self) -> str:
+        return "DenseSpec()"
+

@@ -6,9 +6,13 @@ hold every streaming head at the retrieval heads' length. Holding each group in 
 ``DuoAttention(...) | KVQuant(bits=4)`` quantizes each group separately and no head is padded to another group.
 
 Attention reads one merged view ``[batch, kv_heads, max_slots, head_dim]`` (slots past a group's length are
-filler, ``valid=False``). When every group's view is lazy the merged view is lazy too: decode steps attend each
-group through its own ``decode`` (kernels, no dequantization) and scatter the query heads back; keys/values are
-built (un-rotated to the plain basis, so groups with different rotations can sit together) only if read.
+filler, ``valid=False``). The merged view is lazy: decode steps attend each group where it is held (a lazy part
+through its own ``decode``: kernels, no dequantization; a dense part by SDPA over its tensors in place) and
+scatter the query heads back; merged keys/values are built (un-rotated to the plain basis, so groups with
+different rotations can sit together) only if read (prefill, extend, a policy reading keys).
+
+Plain ``DuoAttention`` holds its streaming and retrieval heads in two dense parts this way: each decode step
+evicts only from the small streaming part, where ragged storage would rebuild the whole layer.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 
 import torch
 
+from kvpress import kernels
 from kvpress.storage.base import AttentionView, KVStorage, LazyAttentionView
 
 
@@ -77,9 +82,9 @@ class HeadSplitStorage(KVStorage):
 
         out_positions = None if untouched else positions
         out_valid = None if all_valid else valid
-        if not all(isinstance(v, LazyAttentionView) for v in views):
-            keys, values = materialise()
-            return AttentionView(keys, values, out_positions, out_valid)
+        # Each group's decode skips its own padding (a dense part has none; a lazy part says so), so a plain
+        # one-token decode step needs no merged mask.
+        masks_padding = all(v.valid is None or v.decode_masks_padding for v in views)
 
         def decode(query: torch.Tensor, allowed: torch.Tensor | None, scaling: float) -> torch.Tensor:
             b, q_heads, q_len, d = query.shape
@@ -88,10 +93,17 @@ class HeadSplitStorage(KVStorage):
             for group, v, n in zip(groups, views, self._slots_of(views)):
                 q_idx = (group.view(-1, 1) * per_kv + torch.arange(per_kv, device=device)).flatten()
                 sub_allowed = None if allowed is None else allowed[:, group, :, :n]
-                out[:, :, q_idx] = v.decode(query.index_select(1, q_idx), sub_allowed, scaling).to(out.dtype)
+                sub_query = query.index_select(1, q_idx)
+                if isinstance(v, LazyAttentionView) and not v.is_materialised:
+                    part_out = v.decode(sub_query, sub_allowed, scaling)
+                else:  # a dense part: read in place (no merged copy), the query heads of its KV heads only
+                    part_out = kernels.dense_attention(sub_query, v.keys, v.values, sub_allowed, scaling,
+                                                       v.key_rotation, v.value_rotation)
+                out[:, :, q_idx] = part_out.to(out.dtype)
             return out
 
-        return LazyAttentionView((batch, heads, slots, dim), device, materialise, decode, out_positions, out_valid)
+        return LazyAttentionView((batch, heads, slots, dim), device, materialise, decode, out_positions, out_valid,
+                                 decode_masks_padding=masks_padding)
 
     @staticmethod
     def _slots_of(views: list[Any]) -> list[int]:
