@@ -73,13 +73,20 @@ def _all_in_past(view: AttentionView, q_abs: int, seq: int) -> bool:
     return bool((view.positions <= q_abs).all())
 
 
+def plain_causal_prefill(attention_mask: torch.Tensor | None, view: AttentionView, q_len: int) -> bool:
+    """Whether ``q_len`` queries over ``view`` are a plain causal prefill: no mask from the model, every slot a
+    token of this forward (nothing evicted, no padding), and read as tensors (not through ``decode``)."""
+    return (attention_mask is None and view.positions is None and view.valid is None and q_len == view.shape[2]
+            and not reads_held_form(view, q_len))
+
+
 def reads_held_form(view: AttentionView, q_len: int) -> bool:
     """Whether :func:`attend` reads ``view`` through its lazy ``decode`` path (not built tensors + SDPA)."""
     return isinstance(view, LazyAttentionView) and not view.is_materialised and q_len <= DECODE_MAX_QUERIES
 
 
 def attend(
-    query: torch.Tensor, view: AttentionView, allowed: torch.Tensor | None, scaling: float
+    query: torch.Tensor, view: AttentionView, allowed: torch.Tensor | None, scaling: float, causal: bool = False
 ) -> torch.Tensor:
     """Scaled dot-product attention of ``query`` over a compressed view.
 
@@ -88,6 +95,8 @@ def attend(
         view: keys/values ``[batch, kv_heads, seq, head_dim]``, possibly held rotated.
         allowed: ``[batch, kv_heads, q_len, seq]`` bool or ``None``.
         scaling: softmax scale.
+        causal: the queries are every held token, nothing evicted, plain causal mask (``allowed`` is ``None``):
+            SDPA's causal kernel instead of a built mask (prefill over quantized storage).
 
     Returns:
         ``[batch, q_len, q_heads, head_dim]``, the layout transformers' attention functions return.
@@ -98,4 +107,5 @@ def attend(
         allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
     if reads_held_form(view, q_len):
         return view.decode(query, allowed, scaling)
-    return dense_attention(query, view.keys, view.values, allowed, scaling, view.key_rotation, view.value_rotation)
+    return dense_attention(query, view.keys, view.values, allowed, scaling, view.key_rotation, view.value_rotation,
+                           causal=causal)

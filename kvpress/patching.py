@@ -21,7 +21,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from kvpress.attention import allowed_slots, attend, reads_held_form
+from kvpress.attention import allowed_slots, attend, plain_causal_prefill, reads_held_form
 from kvpress.attention_mass import attention_with_mass
 from kvpress.cache import CompressedLayer, KVPressCache, StorageFactory, dense_storage_factory
 from kvpress.compat import (
@@ -359,11 +359,14 @@ def kvpress_attention(
         if layer_idx in session.inv_freq:
             view = layer.last_view = reposition(view, layer.seen_tokens, session.inv_freq[layer_idx])
         q_len = query.shape[2]
+        causal = False
         if q_len == 1 and attention_mask is None and view.decode_masks_padding and reads_held_form(view, q_len):
             allowed = None  # one causal query sees every held (past) token; the decode path skips padding itself
+        elif plain_causal_prefill(attention_mask, view, q_len):
+            allowed, causal = None, True  # SDPA's causal kernel: no [q_len, seq] mask built (quantized prefill)
         else:
             allowed = allowed_slots(attention_mask, view, layer.seen_tokens - q_len, q_len)
-        out, weights = attend(query, view, allowed, scaling), None
+        out, weights = attend(query, view, allowed, scaling, causal=causal), None
     session.after_attention(layer, query, attention_mask, scaling)
     return out, weights
 

@@ -19,6 +19,7 @@ def dense_attention(
     scaling: float,
     key_rotation: torch.Tensor | None = None,
     value_rotation: torch.Tensor | None = None,
+    causal: bool = False,
 ) -> torch.Tensor:
     """Scaled dot-product attention with GQA, without repeating K/V.
 
@@ -28,6 +29,8 @@ def dense_attention(
         allowed: ``[batch, kv_heads, q_len, seq]`` bool, or ``None`` (every query sees every slot).
         scaling: softmax scale.
         key_rotation, value_rotation: ``[head_dim, head_dim]`` orthonormal or ``None``.
+        causal: plain causal attention of ``q_len == seq`` queries over their own tokens (a prefill with nothing
+            evicted; ``allowed`` must be ``None``): SDPA's causal kernel, with no mask built.
 
     Returns:
         ``[batch, q_len, q_heads, head_dim]`` in the query's dtype.
@@ -37,6 +40,17 @@ def dense_attention(
     groups = q_heads // kv_heads
     if key_rotation is not None:
         query = query @ key_rotation.to(query.dtype)
+    if causal:
+        if allowed is not None or q_len != keys.shape[2]:
+            raise ValueError("causal attention takes no mask and as many queries as keys")
+        k, v = keys.to(query.dtype), values.to(query.dtype)
+        if groups > 1:  # the causal kernel needs one query row per position, so K/V are shared by expansion
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(query, k, v, is_causal=True, scale=scaling)
+        if value_rotation is not None:
+            out = out @ value_rotation.to(out.dtype).transpose(-1, -2)
+        return out.transpose(1, 2).contiguous()
     q = query.reshape(batch, kv_heads, groups * q_len, query.shape[-1])
     mask = None
     if allowed is not None:

@@ -18,9 +18,12 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -46,6 +49,18 @@ struct Partial {
   float* acc;
 };
 
+// Codes of one byte as floats, for 2- and 4-bit codes (built once).
+template <int BITS>
+const std::array<std::array<float, 8 / BITS>, 256>& byte_table() {
+  static const auto table = [] {
+    std::array<std::array<float, 8 / BITS>, 256> t{};
+    for (int b = 0; b < 256; ++b)
+      for (int k = 0; k < 8 / BITS; ++k) t[b][k] = static_cast<float>((b >> (BITS * k)) & ((1 << BITS) - 1));
+    return t;
+  }();
+  return table;
+}
+
 template <int BITS>
 inline void unpack_row(const int32_t* __restrict w, int D, float* __restrict out) {
   if constexpr (BITS == 3) {
@@ -55,10 +70,28 @@ inline void unpack_row(const int32_t* __restrict w, int D, float* __restrict out
       const uint64_t hi = off > 29 ? static_cast<uint64_t>(static_cast<uint32_t>(w[wi + 1])) : 0u;
       out[i] = static_cast<float>(((lo | (hi << 32)) >> off) & 7u);
     }
+  } else if constexpr (BITS == 2 || BITS == 4) {
+    // Byte by byte from a table (codes are a little-endian bit stream, so byte i holds codes i*PER_BYTE...):
+    // one 16- or 8-byte copy per byte of codes instead of a shift and mask per code.
+    constexpr int PER_BYTE = 8 / BITS;
+    const auto& table = byte_table<BITS>();
+    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(w);
+    const int whole = D / PER_BYTE;
+    for (int i = 0; i < whole; ++i) std::memcpy(out + i * PER_BYTE, table[bytes[i]].data(), sizeof(float) * PER_BYTE);
+    for (int i = whole * PER_BYTE; i < D; ++i) {
+      out[i] = static_cast<float>((static_cast<uint32_t>(w[i * BITS / 32]) >> ((i * BITS) % 32)) & ((1u << BITS) - 1u));
+    }
   } else {
+    // Word by word: each word's PER codes are one vector of constant shifts (vectorises; no division per code).
     constexpr int PER = 32 / BITS;
     constexpr uint32_t MASK = (1u << BITS) - 1u;
-    for (int i = 0; i < D; ++i) {
+    const int whole = D / PER;
+    for (int j = 0; j < whole; ++j) {
+      const uint32_t x = static_cast<uint32_t>(w[j]);
+      float* __restrict o = out + j * PER;
+      for (int k = 0; k < PER; ++k) o[k] = static_cast<float>((x >> (BITS * k)) & MASK);
+    }
+    for (int i = whole * PER; i < D; ++i) {
       out[i] = static_cast<float>((static_cast<uint32_t>(w[i / PER]) >> (BITS * (i % PER))) & MASK);
     }
   }
@@ -79,8 +112,28 @@ inline float dot(const float* __restrict a, const float* __restrict b, int D) {
   return s;
 }
 
+// exp(x) for x <= 0 (or -inf: exactly 0), branch-free so that a loop of it vectorises: 2^(x log2 e) as a power of
+// two times a degree-6 polynomial of the fraction (relative error < 2e-7, below float32 rounding of the sums).
+inline float exp_nonpositive(float x) {
+  const float t = std::max(x, -126.f) * 1.44269504088896341f;
+  const float fi = std::floor(t);
+  const float f = t - fi;
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(fi) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x == NEG_INF ? 0.f : p * scale;
+}
+
 // Fold one block of logits lg [M, TB] (first nt columns) and values vb [nt, D] into the running state.
 inline void fold_block(Partial p, int M, int D, int nt, const float* lg, const float* vb) {
+  float w[TB];
   for (int m = 0; m < M; ++m) {
     const float* row = lg + m * TB;
     float bmax = NEG_INF;
@@ -96,11 +149,13 @@ inline void fold_block(Partial p, int M, int D, int nt, const float* lg, const f
     }
     float sum = 0.f;
     for (int t = 0; t < nt; ++t) {
-      if (row[t] == NEG_INF) continue;
-      const float w = std::exp(row[t] - nm);
-      sum += w;
+      w[t] = exp_nonpositive(row[t] - nm);
+      sum += w[t];
+    }
+    for (int t = 0; t < nt; ++t) {
+      const float wt = w[t];
       const float* __restrict v = vb + static_cast<int64_t>(t) * D;
-      for (int d = 0; d < D; ++d) a[d] += w * v[d];
+      for (int d = 0; d < D; ++d) a[d] += wt * v[d];
     }
     p.sm[m] += sum;
     p.mx[m] = nm;
@@ -116,17 +171,25 @@ void attend_exact(const float* q, int M, int D, const T* k, const T* v, int64_t 
     const int nt = static_cast<int>(std::min<int64_t>(TB, n - t0));
     for (int t = 0; t < nt; ++t) {
       const T* kr = k + (t0 + t) * D;
-      const T* vr = v + (t0 + t) * D;
-      float* vo = vb.data() + static_cast<int64_t>(t) * D;
-      for (int d = 0; d < D; ++d) {
-        kb[d] = static_cast<float>(kr[d]);
-        vo[d] = static_cast<float>(vr[d]);
+      const float* kf;
+      if constexpr (std::is_same_v<T, float>) {
+        kf = kr;  // float32 keys are read in place
+      } else {
+        for (int d = 0; d < D; ++d) kb[d] = static_cast<float>(kr[d]);
+        kf = kb.data();
       }
       for (int m = 0; m < M; ++m) {
-        lg[m * TB + t] = mask.allowed(m, t0 + t) ? dot(q + static_cast<int64_t>(m) * D, kb.data(), D) : NEG_INF;
+        lg[m * TB + t] = mask.allowed(m, t0 + t) ? dot(q + static_cast<int64_t>(m) * D, kf, D) : NEG_INF;
       }
     }
-    fold_block(p, M, D, nt, lg, vb.data());
+    const float* vf;
+    if constexpr (std::is_same_v<T, float>) {
+      vf = v + t0 * D;  // float32 values too
+    } else {
+      for (int64_t i = 0; i < static_cast<int64_t>(nt) * D; ++i) vb[i] = static_cast<float>(v[t0 * D + i]);
+      vf = vb.data();
+    }
+    fold_block(p, M, D, nt, lg, vf);
   }
 }
 
