@@ -186,6 +186,13 @@ class KVQuant:
         rv = rotation_matrix(head_dim, self.seed + 1, perm_v, self.rotation_block, device=device)
         return rk, rv, True
 
+    def full_precision_capacity(self) -> int:
+        """The most tokens a head can hold with none of them quantized: the ``n_sink`` sinks plus a residual window
+        just short of a flush (``residual + F - 1``, ``F`` = group_size, or lowrank_block with GEAR). A cache bounded
+        below this by an eviction policy is never quantized at all."""
+        flush = self.lowrank_block if self.rank > 0 else self.group_size
+        return self.n_sink + self.residual + flush - 1
+
     # -- reporting and composition ---------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:
         out = asdict(self)
