@@ -25,8 +25,16 @@ DEBUG_ENV = "KVPRESS_DEBUG"
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, LookupError, OSError, ImportError)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors are one line too (every sub-command's parser is of this class:
+    ``add_subparsers`` builds them with the class of their parent)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvpress", description="KV-cache compression for HF transformers",
+    parser = _Parser(prog="kvpress", description="KV-cache compression for HF transformers",
                                      epilog=f"Errors print one line (exit status 2); --debug (anywhere on the line) or "
                                             f"{DEBUG_ENV}=1 shows the traceback.")
     parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")

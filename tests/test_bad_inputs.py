@@ -3,7 +3,8 @@ learned-scorer predictor files) given something wrong, asserting the exception t
 message names what is wrong (the parameter, option, key or file).
 
 The CLI runs in-process through ``kvpress.cli.main(argv)``: every error is one line on stderr,
-``kvpress <command>: error: ...``, exit status 2 (argparse's own errors: a usage line, then that line). Every
+``kvpress <command>: error: ...``, exit status 2 (argparse's own errors too, with the sub-action in the prefix:
+``kvpress duo identify: error: ...``). Every
 case here fails before a model would load, or loads only the tiny random model of tests/tiny_models.py.
 """
 
@@ -64,7 +65,7 @@ def assert_cli_error(argv: list[str], pattern: str, capsys, command: str | None 
     code, err = run_cli(argv, capsys)
     assert code == 2, f"exit {code} for {argv}; stderr: {err}"
     lines = err.strip().splitlines()
-    assert lines, f"no error printed for {argv}"
+    assert len(lines) == 1, f"expected one error line for {argv}, got: {err}"
     command = command or argv[0]
     # ours: "kvpress <command>: error:"; argparse's, for a sub-action: "kvpress <command> <action>: error:"
     assert re.match(rf"kvpress {command}( [a-z]+)?: error: ", lines[-1]), lines[-1]
@@ -586,7 +587,8 @@ def test_cli_bad_input(argv, pattern, capsys, tmp_path, monkeypatch):
 
 def test_unknown_command(capsys):
     code, err = run_cli(["nope"], capsys)
-    assert code == 2 and "invalid choice: 'nope'" in err
+    assert code == 2 and err.startswith("kvpress: error: argument COMMAND: invalid choice: 'nope'")
+    assert err.count("\n") == 1
 
 
 @pytest.mark.parametrize("how", ["flag", "flag-first", "env"])
