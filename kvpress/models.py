@@ -135,7 +135,13 @@ def load_model(
     local = is_embedded(name_or_path) or Path(path).is_dir()
     if local:
         kwargs.setdefault("local_files_only", True)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=kwargs.get("local_files_only", False))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=kwargs.get("local_files_only", False))
+    except OSError as err:
+        if local:
+            raise
+        raise OSError(f"model {name_or_path!r} is not an embedded model ({', '.join(sorted(EMBEDDED_MODELS))}) nor a "
+                      f"local directory, and the hub could not provide it as a repo id: {err}") from err
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, attn_implementation=attn_implementation, **kwargs
     )

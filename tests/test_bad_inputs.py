@@ -167,6 +167,10 @@ API_CASES: list[tuple[str, Callable[[], Any], type | tuple, str]] = [
     ("load_model-abs-missing", lambda: kvpress.load_model("/no/such/model"), FileNotFoundError, "'/no/such/model'"),
     ("load_model-rel-missing", lambda: kvpress.load_model("./no-such-model"), FileNotFoundError, "'./no-such-model'"),
     ("load_model-deep-missing", lambda: kvpress.load_model("a/b/c"), FileNotFoundError, "'a/b/c'"),
+    ("load_model-typo-offline", lambda: kvpress.load_model("smollm2-13m"), OSError,
+     "model 'smollm2-13m' is not an embedded model"),
+    ("load_model-hub-id-offline", lambda: kvpress.load_model("no-such-org/no-such-model"), OSError,
+     "model 'no-such-org/no-such-model' is not an embedded model"),
 ]
 
 
@@ -562,6 +566,8 @@ CLI_CASES: list[tuple[str, list[str], str]] = [
     ("duo-loss", ["duo", "identify", "--out", "x.safetensors", "--loss", "l1"], "--loss"),
     ("duo-missing-model", ["duo", "identify", "--out", "x.safetensors", "--model", MISSING_MODEL],
      f"model '{MISSING_MODEL}'"),
+    ("duo-model-typo", ["duo", "identify", "--out", "x.safetensors", "--model", "smollm2-13m"],
+     "model 'smollm2-13m' is not an embedded model"),
     ("duo-info-missing", ["duo", "info", "/no/such.safetensors"], "pattern file '/no/such.safetensors'"),
     ("sweep-no-spec", ["sweep", "plan"], "give a spec file"),
     ("sweep-ratio-nan", ["sweep", "plan", "--tasks", "vt", "--policies", "snapkv", "--ratios", "nan"], r"ratios\[0\]"),
