@@ -238,6 +238,10 @@ def test_nested_patch_is_refused(model):
     (lambda: StreamingLLM(window=64) | KVQuant(bits=4), True),  # 68 held <= 4 + 128 + 31: nothing quantized
     (lambda: KVQuant(bits=4) | StreamingLLM(window=64), True),
     (lambda: DecodingBudget(H2O(), budget=100) | KVQuant(bits=2), True),
+    (lambda: H2O(budget=128) | KVQuant(bits=4), True),
+    (lambda: TOVA(budget=64) | KVQuant(bits=4, residual=64), True),
+    (lambda: TOVA(budget=512) | KVQuant(bits=4), False),
+    (lambda: H2O(compression_ratio=0.5) | KVQuant(bits=4), False),
     (lambda: StreamingLLM(window=1024) | KVQuant(bits=4), False),
     (lambda: StreamingLLM(window=64) | KVQuant(bits=4, residual=32), False),  # the largest residual that acts
     (lambda: StreamingLLM(window=64) | KVQuant(bits=4, residual=33), True),
