@@ -307,7 +307,7 @@ def test_predictor_and_pattern_files_round_trip_exactly(tmp_path_factory, layers
 
 # ------------------------------------------------------------------------------------------------ clones
 def _snapshot(cache) -> list[torch.Tensor]:
-    return [t.clone() for idx in cache.compressed_layers for t in cache.layers[idx].storage.tensors()]
+    return [t.detach().clone() for idx in cache.compressed_layers for t in cache.layers[idx].storage.tensors()]
 
 
 def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
@@ -328,13 +328,16 @@ CLONE_POLICIES = {
 def test_evicting_from_a_clone_leaves_the_original_bit_identical(lengths, policy, seed, data):
     model = _model()
     ids, mask = left_padded_batch(lengths, seed=seed)
-    with torch.no_grad(), kvpress.patch(model, CLONE_POLICIES[policy]()) as session:
+    grad = data.draw(st.booleans())  # a cache filled with gradients on holds graph tensors: clone copies them too
+    with torch.set_grad_enabled(grad), kvpress.patch(model, CLONE_POLICIES[policy]()) as session:
         cache = session.new_cache()
         model(input_ids=ids, attention_mask=mask, **kvpress.cache_kwargs(model, cache))
         before = _snapshot(cache)
         nbytes = cache.nbytes()
         clone = cache.clone()
         assert _same(_snapshot(clone), before)
+        held = [t for idx in clone.compressed_layers for t in clone.layers[idx].storage.tensors()]
+        assert not any(t.requires_grad for t in held)  # detached copies, whatever the original holds
         for idx in clone.compressed_layers:  # evict a random subset from the clone
             layer = clone.layers[idx]
             slots = layer.storage.view().shape
