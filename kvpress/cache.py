@@ -292,8 +292,14 @@ class KVPressCache(Cache):
         return {i: copy.copy(layer) for i, layer in enumerate(self.layers) if not isinstance(layer, CompressedLayer)}
 
     def clone(self) -> "KVPressCache":
-        """A deep copy: fan one prefill out to several compression settings."""
-        return copy.deepcopy(self)
+        """A deep copy: fan one prefill out to several compression settings.
+
+        A cache filled with gradients enabled holds tensors of an autograd graph, which ``copy.deepcopy`` refuses;
+        the clone holds detached copies of those (same values), and the original is left as it was."""
+        memo: dict[int, Any] = {}
+        for tensor in _graph_tensors(self):
+            memo[id(tensor)] = tensor.detach().clone()
+        return copy.deepcopy(self, memo)
 
 
 def _index_rows(value: Any, index: torch.Tensor, batch: int) -> Any:
@@ -305,6 +311,33 @@ def _index_rows(value: Any, index: torch.Tensor, batch: int) -> Any:
     if isinstance(value, (tuple, list)):
         return type(value)(_index_rows(v, index, batch) for v in value)
     return value
+
+
+def _graph_tensors(root: Any) -> list[torch.Tensor]:
+    """The tensors reachable from ``root`` (through attributes, dicts, lists, tuples and sets) that belong to an
+    autograd graph (``grad_fn`` set): the ones ``copy.deepcopy`` cannot copy."""
+    found: list[torch.Tensor] = []
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or obj is None or isinstance(obj, (str, bytes, int, float, bool, type)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            if obj.grad_fn is not None:
+                found.append(obj)
+        elif isinstance(obj, torch.nn.Module):
+            continue  # parameters are graph leaves, which deepcopy copies
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack.extend(obj)
+        else:
+            stack.extend(getattr(obj, "__dict__", {}).values())
+            for name in getattr(type(obj), "__slots__", ()):
+                stack.append(getattr(obj, name, None))
+    return found
 
 
 def _tensors_in(value: Any) -> list[torch.Tensor]:

@@ -82,6 +82,10 @@ def print_table(rows: list[DemoRow], prompt_tokens: int, answer: str, console: C
 
 
 def _main(args: argparse.Namespace) -> int:
+    if args.length < 64:
+        raise ValueError(f"--length must be >= 64 tokens (a needle in a haystack), got {args.length}")
+    if not 0.0 <= args.depth <= 1.0:  # NaN fails too
+        raise ValueError(f"--depth must be in [0, 1], got {args.depth}")
     rows, n, answer = run_demo(args.model, args.length, args.depth, args.seed)
     print_table(rows, n, answer)
     return 0

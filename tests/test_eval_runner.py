@@ -195,9 +195,14 @@ def test_cli_grid_end_to_end(model, tok, tmp_path, capsys):
     config = json.loads((out / "config.json").read_text())
     assert config["grid"] and config["params"] == {"window": 8} and config["depths"] == [0.0, 1.0]
     assert (out / "heatmap_snapkv_r_0.5_window_8.png").is_file()
+    capsys.readouterr()
     assert kvpress_main(["eval"]) == 2
-    with pytest.raises(ValueError, match="unknown task"):
-        kvpress_main(["eval", "nope", "--model", str(model_dir)])
+    assert capsys.readouterr().err.strip() == "kvpress eval: error: give a task (see kvpress eval --list)"
+    assert kvpress_main(["eval", "nope", "--model", str(model_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvpress eval: error: unknown task 'nope'") and err.count("\n") == 1
+    with pytest.raises(ValueError, match="unknown task"):  # --debug: the exception itself, with its traceback
+        kvpress_main(["eval", "nope", "--model", str(model_dir), "--debug"])
 
 
 def test_cli_runs_a_policy_without_ratio_once(monkeypatch, capsys):

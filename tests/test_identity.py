@@ -62,3 +62,39 @@ def test_beam_search_runs_and_matches_without_policy(policy):
         assert torch.equal(out, ref)
     else:
         assert out.shape == ref.shape
+
+
+@pytest.mark.parametrize("reposition", [True, False])
+def test_beam_search_under_streaming_llm_scores_match_teacher_forcing(reposition):
+    """Every returned beam's score equals the log-probability of its tokens recomputed by teacher forcing through
+    the same StreamingLLM cache (prefill, then one token per forward): the beams' caches are reordered with the
+    beams, evictions included. The window is small enough that every row evicts during decoding."""
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch([14, 9], seed=4)
+    beams, new = 3, 8
+    policy = kvpress.StreamingLLM(n_sink=2, window=6, reposition=reposition)
+    with torch.no_grad(), kvpress.patch(model, policy):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, num_beams=beams,
+                             num_return_sequences=beams, do_sample=False, pad_token_id=0, length_penalty=0.0,
+                             output_scores=True, return_dict_in_generate=True)
+    seqs = out.sequences  # [batch * beams, prompt + new]
+    assert seqs.shape == (2 * beams, ids.shape[1] + new)
+    assert torch.equal(seqs[:, : ids.shape[1]], ids.repeat_interleave(beams, 0))
+    m = mask.repeat_interleave(beams, 0)
+    logprob = torch.zeros(seqs.shape[0], dtype=torch.float64)
+    with torch.no_grad(), kvpress.patch(model, policy) as session:
+        cache = session.new_cache()
+        logits = model(seqs[:, : ids.shape[1]], attention_mask=m, **cache_kwargs(model, cache)).logits[:, -1]
+        for step in range(new):
+            token = seqs[:, ids.shape[1] + step]
+            logprob += torch.log_softmax(logits.double(), -1).gather(-1, token[:, None])[:, 0]
+            m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
+            logits = model(token[:, None], attention_mask=m, **cache_kwargs(model, cache)).logits[:, -1]
+        assert int(cache.layers[0].storage.lengths().max()) == 2 + 6  # the stream was cut to sinks + window
+    torch.testing.assert_close(out.sequences_scores.double(), logprob, rtol=1e-4, atol=1e-4)
+    # distinct beams per prompt, best first
+    for row in range(2):
+        group = seqs[row * beams:(row + 1) * beams]
+        assert len({tuple(s.tolist()) for s in group}) == beams
+        scores = out.sequences_scores[row * beams:(row + 1) * beams]
+        assert bool((scores[:-1] >= scores[1:]).all())

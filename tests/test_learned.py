@@ -193,7 +193,7 @@ def test_predictor_for_another_model_or_of_the_wrong_shape_is_refused(tmp_path):
 
     save_file({"w": torch.zeros(2, 64, 2)}, str(bad), metadata={"kind": "linear", "num_layers": "2",
                                                               "hidden_size": "64", "kv_heads": "2"})
-    with pytest.raises(ValueError, match="has tensors"):
+    with pytest.raises(ValueError, match=r"kind='linear', which holds tensors \['b', 'w'\]; the file holds \['w'\]"):
         load_predictor(bad)
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="is not a kvpress score predictor"):

@@ -32,6 +32,16 @@ def _param(text: str) -> tuple[str, Any]:
     return key.strip().replace("-", "_"), value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
 def _depth(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -54,11 +64,11 @@ def add_subcommand(subparsers) -> None:
                    help="fractions of the first forward's tokens evicted (StreamingLLM: mapped to its window)")
     p.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE",
                    help="fixed policy parameter, e.g. window=32 (repeatable)")
-    p.add_argument("--lengths", nargs="+", type=int, default=None, metavar="L",
+    p.add_argument("--lengths", nargs="+", type=_positive_int, default=None, metavar="L",
                    help=f"prompt + answer budget in model tokens (default 1024; {GRID}: {GRID_LENGTHS})")
     p.add_argument("--depths", nargs="+", type=_depth, default=None, metavar="D",
                    help=f"needle depths in [0, 1] (default: random per sample; {GRID}: {GRID_DEPTHS})")
-    p.add_argument("--samples", type=int, default=None, help="samples per length (x depth) (default 5; grid 1)")
+    p.add_argument("--samples", type=_positive_int, default=None, help="samples per length (x depth) (default 5; grid 1)")
     p.add_argument("--mode", choices=("query-agnostic", "query-aware"), default="query-agnostic",
                    help="query-agnostic: the context is compressed before the question is seen")
     p.add_argument("--seed", type=int, default=0)
@@ -98,7 +108,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         "params": dict(args.param),
         "lengths": args.lengths or (GRID_LENGTHS if grid else [1024]),
         "depths": args.depths or (GRID_DEPTHS if grid else None),
-        "samples": args.samples or (1 if grid else 5),
+        "samples": args.samples if args.samples is not None else (1 if grid else 5),
         "mode": args.mode,
         "seed": args.seed,
         "haystack_file": args.haystack_file,
@@ -136,8 +146,9 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(list_tasks()))
         return 0
     if not args.task:
-        print("kvpress eval: give a task (see kvpress eval --list)")
-        return 2
+        from kvpress.cli import fail
+
+        return fail("eval", "give a task (see kvpress eval --list)")
     from kvpress.eval.tasks import get_task
 
     cfg = resolve(args)

@@ -82,19 +82,35 @@ def policy_params(args: argparse.Namespace) -> dict[str, Any]:
     return params
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Raise ``ValueError`` naming the option for a setting out of range, ``FileNotFoundError`` for ``--text``."""
+    from pathlib import Path
+
+    for name, minimum in (("chunk_size", 1), ("full_chunk_size", 1), ("kv_check_every", 1), ("segment_tokens", 1),
+                          ("prefill", 0), ("max_tokens", 0), ("threads", 1)):
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+    if args.max_tokens == 1:
+        raise ValueError("--max-tokens must be 0 (all) or >= 2 (one token to read, one to predict), got 1")
+    if args.text is not None and not Path(args.text).is_file():
+        raise FileNotFoundError(f"--text {args.text!r} does not exist")
+
+
 def run_perplexity(args: argparse.Namespace) -> int:
     import torch
 
     from kvpress.eval.perplexity import build_policy, evaluate_perplexity, load_text, tokenize_text, write_json
     from kvpress.models import load_model
 
+    check_args(args)  # every setting, the text file and the policy fail here, before the model loads
+    params = policy_params(args)
+    policy = build_policy(args.policy, params, mode=args.mode)
+    text, source = load_text(args.text)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
-    text, source = load_text(args.text)
     ids = tokenize_text(tokenizer, text, args.max_tokens or None)
-    params = policy_params(args)
-    policy = build_policy(args.policy, params, mode=args.mode)
     progress = not args.no_progress
     common = dict(kv_check_every=args.kv_check_every, segment_tokens=args.segment_tokens, progress=progress,
                   model_name=args.model, text_source=source)

@@ -50,6 +50,11 @@ class Policy(ABC):
         that can run extra forwards on the cache. Policies that need the whole model (KVzip's context
         reconstruction) evict here; the default does nothing."""
 
+    def max_held(self) -> int | None:
+        """The most tokens any head holds under this policy, whatever the stream's length, or ``None`` if
+        unbounded (a ratio scales with the prompt). Compositions use it to check that a quantizer can act."""
+        return None
+
     def params(self) -> dict[str, Any]:
         """Parameters that identify this configuration (for reports and result files)."""
         return {}

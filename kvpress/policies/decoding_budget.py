@@ -55,5 +55,8 @@ class DecodingBudget(Policy):
         scores = self.policy.score(ctx).float().masked_fill(~valid, float("-inf")).masked_fill(recent, float("inf"))
         return keep_topk(scores, n_real.clamp(max=self.budget)) & valid
 
+    def max_held(self) -> int:
+        return self.budget + self.interval
+
     def params(self) -> dict[str, Any]:
         return {"policy": repr(self.policy), "budget": self.budget, "interval": self.interval, "window": self.window}

@@ -72,6 +72,9 @@ class H2O(ScorePolicy):
         keep = keep_topk(heavy, (budget - window).clamp(min=0)) & valid & ~recent
         return keep | recent
 
+    def max_held(self) -> int | None:
+        return self.budget  # a fixed budget is held at every step; a ratio's depends on the prompt
+
     def params(self) -> dict[str, Any]:
         out = {**super().params(), "chunk_size": self.chunk_size}
         if self.window is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -41,6 +42,7 @@ class Pipeline(Policy):
                 self.storage = stage
             else:
                 raise ValueError(f"pipeline stages must be kvpress policies or storage specs, got {stage!r}")
+        self._check_quantizer_acts()
         ragged = [p for p in self.policies if getattr(p, "needs_ragged", False)]
         if ragged and self.storage is not None and not getattr(self.storage, "ragged", False):
             # Heads in fixed classes (DuoAttention) can hold each class in its own storage instead.
@@ -52,6 +54,29 @@ class Pipeline(Policy):
                 f"{type(ragged[0]).__name__} gives heads different lengths and saves memory only in ragged storage; "
                 f"{type(self.storage).__name__} pads every head to the longest, so it cannot hold it ragged"
             )
+
+    def max_held(self) -> int | None:
+        bounds = [b for b in (p.max_held() for p in self.policies) if b is not None]
+        return min(bounds) if bounds else None
+
+    def _check_quantizer_acts(self) -> None:
+        """Warn when an eviction bound keeps every head within the quantizer's full-precision part (sinks and
+        residual window): such a composition holds exactly the bytes of full precision, nothing is quantized."""
+        capacity = getattr(self.storage, "full_precision_capacity", None)
+        bound = self.max_held()
+        if bound is None or not callable(capacity) or bound > capacity():
+            return
+        spec = self.storage
+        warnings.warn(
+            f"{' | '.join(repr(p) for p in self.policies)} holds at most {bound} tokens per head, and "
+            f"{type(spec).__name__} keeps up to {capacity()} in full precision (n_sink={spec.n_sink} + "
+            f"residual={spec.residual} + a flush block - 1): nothing would ever be quantized, so this composition "
+            f"saves no bytes over the eviction alone. Give the quantizer a smaller residual (residual <= "
+            f"{max(0, bound - spec.n_sink - (capacity() - spec.n_sink - spec.residual) - 1)}) or the policy a larger "
+            "window / budget.",
+            UserWarning,
+            stacklevel=4,
+        )
 
     @property
     def reposition(self) -> bool:  # type: ignore[override]

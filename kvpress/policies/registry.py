@@ -90,6 +90,8 @@ def available_policies() -> list[str]:
 
 def canonical_policy_name(name: str) -> str:
     """The registry key of ``name`` (case, ``-``/``_`` and aliases resolved); raises for an unknown name."""
+    if not isinstance(name, str):
+        raise ValueError(f"policy name must be a string (one of: {', '.join(available_policies())}), got {name!r}")
     key = name.lower().replace("-", "_")
     key = _ALIASES.get(key, key)
     if key not in _REGISTRY:

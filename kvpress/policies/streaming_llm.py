@@ -44,5 +44,8 @@ class StreamingLLM(Policy):
             return None
         return keep
 
+    def max_held(self) -> int:
+        return self.n_sink + self.window
+
     def params(self) -> dict[str, Any]:
         return {"n_sink": self.n_sink, "window": self.window, "reposition": self.reposition}

@@ -29,6 +29,9 @@ class TOVA(ScorePolicy):
             return per_head  # heads hold different tokens: slot i is not the same token in every head
         return per_head.mean(dim=1, keepdim=True).expand_as(per_head)
 
+    def max_held(self) -> int | None:
+        return self.budget  # a fixed budget is held at every step; a ratio's depends on the prompt
+
     def applies_to(self, ctx: LayerContext) -> bool:
         return True
 

@@ -43,7 +43,9 @@ class KVQuant:
     Args:
         bits: code width for keys and values (2, 3, 4 or 8); ``key_bits`` / ``value_bits`` override it.
         group_size: G, tokens per key group (per-channel scale and zero) and the default value group.
-        residual: R, most recent tokens kept in full precision (the window holds R to R + F - 1 tokens).
+        residual: R, most recent tokens kept in full precision (the window holds R to R + F - 1 tokens). Behind a
+            policy that bounds each head to fewer than ``n_sink + R + F`` tokens (``StreamingLLM(window=64)``)
+            nothing is ever quantized: composing them warns (:meth:`full_precision_capacity`).
         rotate: store keys and values Hadamard-rotated (random signs from ``seed``): ``True`` both, ``False``
             neither, ``"keys"`` or ``"values"`` only that one. ``"auto"`` (the default) rotates both when the
             narrowest code width (``min(key_bits, value_bits)``) is 2 bits, neither at 3 bits or more: on
@@ -185,6 +187,13 @@ class KVQuant:
         rk = rotation_matrix(head_dim, self.seed, perm_k, self.rotation_block, device=device)
         rv = rotation_matrix(head_dim, self.seed + 1, perm_v, self.rotation_block, device=device)
         return rk, rv, True
+
+    def full_precision_capacity(self) -> int:
+        """The most tokens a head can hold with none of them quantized: the ``n_sink`` sinks plus a residual window
+        just short of a flush (``residual + F - 1``, ``F`` = group_size, or lowrank_block with GEAR). A cache bounded
+        below this by an eviction policy is never quantized at all."""
+        flush = self.lowrank_block if self.rank > 0 else self.group_size
+        return self.n_sink + self.residual + flush - 1
 
     # -- reporting and composition ---------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:

@@ -26,6 +26,9 @@ from torch import nn
 
 PREDICTOR_DIR = Path(__file__).parent / "predictors"
 KINDS = ("linear", "mlp")
+_PARAMETERS = {"linear": ("w", "b"), "mlp": ("w", "b", "w1", "b1", "w2")}
+# Weights beyond this magnitude are not a fit but a corrupted file (the shipped SmolLM2 predictors stay below 200).
+MAX_WEIGHT = 1e6
 # model signature fields: what makes hidden states and KV heads line up between a predictor and a model
 _SIGNATURE_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
                      "head_dim", "vocab_size", "intermediate_size", "rope_theta")
@@ -119,12 +122,31 @@ def load_predictor(path: str | Path) -> ScorePredictor:
         shape = (int(meta["num_layers"]), int(meta["hidden_size"]), int(meta["kv_heads"]))
     except (KeyError, ValueError, OSError, SafetensorError) as err:
         raise ValueError(f"{str(path)!r} is not a kvpress score predictor ({err})") from err
-    width = tensors["w1"].shape[-1] if kind == "mlp" else 64
+    if kind not in KINDS:
+        raise ValueError(f"{str(path)!r}: metadata kind must be one of {KINDS}, got {kind!r}")
+    if min(shape) < 1:
+        raise ValueError(f"{str(path)!r}: metadata num_layers, hidden_size, kv_heads must be >= 1, got {shape}")
+    names = set(_PARAMETERS[kind])
+    if set(tensors) != names:
+        raise ValueError(f"{str(path)!r}: its metadata says kind={kind!r}, which holds tensors {sorted(names)}; "
+                         f"the file holds {sorted(tensors)}")
+    width = tensors["w1"].shape[-1] if kind == "mlp" and tensors["w1"].dim() == 3 else 64
     predictor = ScorePredictor(*shape, kind=kind, width=width, metadata={**meta, "path": str(path)})
     expected = {name: tuple(p.shape) for name, p in predictor.named_parameters()}
     found = {name: tuple(t.shape) for name, t in tensors.items()}
     if expected != found:
         raise ValueError(f"{str(path)!r} has tensors {found}, expected {expected} for its metadata")
+    for name, tensor in sorted(tensors.items()):
+        if not tensor.is_floating_point():
+            raise ValueError(f"{str(path)!r}: tensor {name!r} must be floating point, got {tensor.dtype}")
+        values = tensor.float()
+        if not bool(torch.isfinite(values).all()):
+            bad = int((~torch.isfinite(values)).sum())
+            raise ValueError(f"{str(path)!r}: tensor {name!r} holds {bad} non-finite weights (NaN or Inf)")
+        largest = float(values.abs().max()) if values.numel() else 0.0
+        if largest > MAX_WEIGHT:
+            raise ValueError(f"{str(path)!r}: tensor {name!r} holds a weight of magnitude {largest:.3g}, beyond the "
+                             f"{MAX_WEIGHT:g} a trained predictor stays within: the file is corrupted")
     predictor.load_state_dict({k: v.float() for k, v in tensors.items()})
     return predictor.eval().requires_grad_(False)
 

@@ -61,6 +61,31 @@ class TrainConfig:
     teacher: dict[str, Any] = field(default_factory=lambda: {"n_sink": 4, "chunk_size": 2048})
     text_file: str | None = None
 
+    def __post_init__(self) -> None:
+        """Check every setting here, so that a bad one fails before a model loads (each error names it)."""
+        from kvpress.scorer.predictor import KINDS
+
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        for name, minimum in (("sequences", 1), ("held_out", 1), ("length", 64), ("width", 1), ("steps", 1),
+                              ("batch", 1), ("tokens_per_sequence", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        if self.held_out > self.sequences:
+            raise ValueError(f"held_out ({self.held_out}) must not exceed sequences ({self.sequences}): the held-out "
+                             "prompts evaluate a fit on the training ones")
+        for name in ("eps", "lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or not math.isfinite(self.ridge) \
+                or self.ridge < 0:
+            raise ValueError(f"ridge must be a finite number >= 0, got {self.ridge!r}")
+        if self.text_file is not None and not Path(self.text_file).is_file():
+            raise FileNotFoundError(f"text_file {self.text_file!r} does not exist")
+
 
 # ---------------------------------------------------------------------------------------------------- data
 def training_prompts(tokenizer, count: int, length: int, seed: int, text_file: str | None = None) -> list[list[int]]:

@@ -119,8 +119,9 @@ def _errors():
 
 
 def _fail(err: Exception) -> int:
-    print(f"kvpress sweep: error: {err}", file=sys.stderr)
-    return 2
+    from kvpress.cli import fail
+
+    return fail("sweep", err)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -179,6 +179,10 @@ def load_spec(path: str | Path) -> SweepSpec:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise SpecError(f"{path}: not valid TOML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise SpecError(f"spec file {str(path)!r} is not UTF-8 text (byte {err.start}: {err.reason})") from None
+    except OSError as err:
+        raise SpecError(f"spec file {str(path)!r} cannot be read: {err}") from None
     return SweepSpec.from_dict(data, source=str(path))
 
 

@@ -7,7 +7,8 @@
 
 A record is written to a temporary file in ``cells/`` and hard-linked to its final name: the name appears only
 with complete content, and linking fails if the name exists, so a record is never overwritten (two runs on
-one store finishing the same cell keep the first). Crashes leave at most stray ``.tmp`` files.
+one store finishing the same cell keep the first). A write that fails (a full disk) removes its temporary file
+and raises; a killed process leaves at most stray ``.tmp`` files, which no reader takes for records.
 
 Version rule: the store records the kvpress version that created it. ``run`` refuses a store made by another
 kvpress version (its cells are keyed on that version, so none would be reused and the report would mix
@@ -39,11 +40,15 @@ def _now() -> str:
 def _write_new(path: Path, payload: dict[str, Any]) -> bool:
     """Write ``payload`` as JSON to ``path`` atomically if ``path`` does not exist; False if it did."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        json.dump(payload, fh, indent=1, ensure_ascii=False, sort_keys=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            json.dump(payload, fh, indent=1, ensure_ascii=False, sort_keys=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:  # a failed write (full disk, ...): no record, and no partial file left behind
+        tmp.unlink(missing_ok=True)
+        raise
     try:
         os.link(tmp, path)
         return True

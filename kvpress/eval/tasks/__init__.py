@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 from kvpress.eval.tasks.base import Rendered, Sample, Task, build_prompt
@@ -50,6 +51,8 @@ def get_task(name: str, haystack_file: str | None = None) -> Task:
     key = name.lower().replace("-", "_")
     if key not in TASKS:
         raise ValueError(f"unknown task {name!r}; available tasks: {', '.join(TASKS)}")
+    if haystack_file is not None and not Path(haystack_file).is_file():
+        raise FileNotFoundError(f"haystack_file {str(haystack_file)!r} does not exist")
     return TASKS[key](haystack_file=haystack_file)
 
 

@@ -1,0 +1,61 @@
+"""benchmarks/soak.py on a tiny random model: the loop, the series it records and the verdicts it draws."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvpress.policies import StreamingLLM
+from kvpress.quant import KVQuant
+from tiny_models import tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def soak_module():
+    spec = importlib.util.spec_from_file_location("soak", ROOT / "benchmarks" / "soak.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_soak_records_flat_bytes_and_finite_values(soak_module):
+    model = tiny_model("llama")
+    prompt = torch.randint(3, 100, (1, 16), generator=torch.Generator().manual_seed(0))
+    policy = StreamingLLM(n_sink=2, window=24) | KVQuant(bits=2, group_size=4, residual=4, n_sink=2)
+    lines: list[str] = []
+    result = soak_module.soak(model, prompt, "streaming_kvquant2", policy, tokens=120, every=30, seed=0,
+                              temperature=1.0, top_k=20, log=lines.append)
+    intervals = result["intervals"]
+    assert [r["tokens"] for r in intervals] == [30, 60, 90, 120] and len(lines) == 4
+    assert all(r["cache_finite"] and r["rss"] > 0 and r["tokens_per_s"] > 0 for r in intervals)
+    verdict = result["verdict"]
+    assert verdict["no_nan"] and verdict["bytes_flat"] and abs(verdict["bytes_drift"]) <= 0.01
+    assert verdict["speed_ratio"] > 0 and verdict["rss_growth"] is not None
+    # the same seed samples the same stream
+    again = soak_module.soak(model, prompt, "streaming_kvquant2", policy, tokens=120, every=30, seed=0,
+                             temperature=1.0, top_k=20, log=lambda _: None)
+    assert [r["nbytes"] for r in again["intervals"]] == [r["nbytes"] for r in intervals]
+
+
+def test_verdict_flags_growth_nan_and_slowdown(soak_module):
+    rows = [{"tokens": 1000 * (i + 1), "max_nbytes": 100 + 10 * i, "nbytes": 100 + 10 * i, "rss": 1000 + 100 * i,
+             "tokens_per_s": 10.0 - 2 * i, "cache_finite": i < 2, "nonfinite_logits": 0} for i in range(3)]
+    verdict = soak_module.verdict("streaming", rows)
+    assert verdict["bytes_flat"] is False and verdict["rss_ok"] is False and verdict["speed_ok"] is False
+    assert verdict["no_nan"] is False
+    grows = soak_module.verdict("duo", rows)
+    assert grows["bytes_flat"] is None and grows["bytes_per_token"] == pytest.approx(0.01)
+    assert soak_module.verdict("streaming", rows[:2])["bytes_flat"] is None  # too short to judge
+
+
+def test_bad_arguments_are_refused(soak_module, capsys):
+    for argv, word in ((["--tokens", "0"], "--tokens"), (["--temperature", "nan"], "--temperature"),
+                       (["--configs", "nope"], "--configs")):
+        with pytest.raises(SystemExit) as info:
+            soak_module.parse_args(argv)
+        assert info.value.code == 2 and word in capsys.readouterr().err
