@@ -69,7 +69,7 @@ def test_dense_and_ragged_bytes_equal_theory(shape, seed, start, data):
     keep = torch.rand(b, h, n, generator=torch.Generator().manual_seed(seed + 2)) < data.draw(st.floats(0.1, 0.9))
     keep[..., -1] = True  # every head keeps at least its newest token
     if data.draw(st.booleans()):
-        keep[:] = keep[0, 0]  # the same tokens everywhere: dense
+        keep[:] = keep[0, 0].clone()  # the same tokens everywhere: dense
     kept = dense.select(keep)
     counts = keep.sum(-1)
     total = int(counts.sum())
