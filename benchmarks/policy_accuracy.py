@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kvpress  # noqa: E402
-from kvpress.eval import PolicySpec, evaluate, get_task  # noqa: E402
+from kvpress.eval import PolicyConfig, evaluate, get_task  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from policy_overhead import POLICIES as OVERHEAD_POLICIES  # noqa: E402
@@ -65,18 +65,19 @@ QUICK = dict(ratios=[0.5, 0.75], samples=2, modes=["query-agnostic"], overhead_r
 FULL = dict(ratios=RATIOS, samples=10, modes=["query-agnostic", "query-aware"], overhead_reps=3)
 
 
-def specs_for(labels: list[str], ratios: list[float]) -> list[PolicySpec]:
-    specs = [PolicySpec("none")]
+def specs_for(labels: list[str], ratios: list[float]) -> list[PolicyConfig]:
+    specs = [PolicyConfig()]
     for label in labels:
         name, params = ALL[label]
         sized = label in THRESHOLDS
-        specs += [PolicySpec(name, tuple(sorted(params.items())), None if sized else r) for r in ratios[: 1 if sized else None]]
+        specs += [PolicyConfig.of(name, dict(sorted(params.items())), None if sized else r)
+                  for r in ratios[: 1 if sized else None]]
     return specs
 
 
-def label_of(spec: PolicySpec) -> str:
+def label_of(spec: PolicyConfig) -> str:
     return "none" if spec.is_baseline else next(
-        k for k, v in ALL.items() if v[0] == spec.name and tuple(sorted(v[1].items())) == spec.params)
+        k for k, v in ALL.items() if v[0] == spec.name and dict(v[1]) == dict(spec.stages[0].params))
 
 
 def _ci95(scores: list[float]) -> float:

@@ -13,7 +13,7 @@ from eval_fixtures import byte_tokenizer, tiny_llama
 from kvpress.compat import cache_kwargs
 from kvpress.eval.perplexity import (
     _piece_sizes,
-    build_policy,
+    MODE_OVERRIDES,
     cache_nbytes,
     default_text,
     evaluate_perplexity,
@@ -23,8 +23,13 @@ from kvpress.eval.perplexity import (
     tokenize_text,
     write_json,
 )
+from kvpress.policies.expr import PolicyConfig
 
 N_TOKENS = 240
+
+
+def _policy(name, params=None, mode="token"):
+    return PolicyConfig.of(name, params).build(None, MODE_OVERRIDES[mode])
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +75,7 @@ def test_no_policy_equals_full_forward(model, ids, mode, kwargs, cache):
 def test_streaming_token_mode_equals_sink_window_attention(model, ids):
     """Token by token, token i attends to the sinks and the last `window` tokens before it (plus itself)."""
     n_sink, window = 4, 32
-    policy = build_policy("streaming_llm", {"n_sink": n_sink, "window": window})
+    policy = _policy("streaming_llm", {"n_sink": n_sink, "window": window})
     result = evaluate_perplexity(model, ids, policy=policy, mode="token")
     i = torch.arange(N_TOKENS)[:, None]
     j = torch.arange(N_TOKENS)[None, :]
@@ -82,7 +87,7 @@ def test_streaming_token_mode_equals_sink_window_attention(model, ids):
 def test_streaming_chunked_mode_equals_its_attention_pattern(model, ids):
     """In chunks of C, a chunk attends to what the cache kept before it (sinks + last `window`) and to itself."""
     n_sink, window, chunk = 4, 32, 48
-    policy = build_policy("streaming_llm", {"n_sink": n_sink, "window": window}, mode="chunked")
+    policy = _policy("streaming_llm", {"n_sink": n_sink, "window": window}, mode="chunked")
     result = evaluate_perplexity(model, ids, policy=policy, mode="chunked", chunk_size=chunk)
     assert result.chunk_size == chunk
     i = torch.arange(N_TOKENS)[:, None]
@@ -94,7 +99,7 @@ def test_streaming_chunked_mode_equals_its_attention_pattern(model, ids):
 
 def test_streaming_cache_is_bounded(model, ids):
     n_sink, window = 4, 16
-    policy = build_policy("streaming_llm", {"n_sink": n_sink, "window": window})
+    policy = _policy("streaming_llm", {"n_sink": n_sink, "window": window})
     sizes = []
     with open_cache(model, policy) as cache, torch.inference_mode():
         for t in range(100):
@@ -112,7 +117,7 @@ def test_streaming_cache_is_bounded(model, ids):
 
 
 def test_chunked_score_policy_compresses_every_chunk(model, ids):
-    policy = build_policy("snapkv", {"budget": 24, "window": 4}, mode="chunked")
+    policy = _policy("snapkv", {"budget": 24, "window": 4}, mode="chunked")
     assert policy.every_chunk
     result = evaluate_perplexity(model, ids, policy=policy, mode="chunked", chunk_size=40)
     assert result.final_kv_bytes <= 24 * (kv_bytes_per_token(model) + position_bytes_per_token(model))
@@ -120,7 +125,7 @@ def test_chunked_score_policy_compresses_every_chunk(model, ids):
     assert result.peak_kv_bytes < 100 * kv_bytes_per_token(model)
     assert result.policy_params.get("every_chunk") is True
     # token mode keeps the prefill-only default: only the first forward is compressed
-    assert not build_policy("snapkv", {"budget": 24}).every_chunk
+    assert not _policy("snapkv", {"budget": 24}).every_chunk
 
 
 def test_piece_sizes():
@@ -147,7 +152,7 @@ def test_score_through_cache_validates(model, ids):
         with pytest.raises(ValueError):
             score_through_cache(model, ids[0], cache)
     with pytest.raises(ValueError):
-        with open_cache(model, build_policy("streaming_llm"), cache="dynamic"):
+        with open_cache(model, _policy("streaming_llm"), cache="dynamic"):
             pass
 
 

@@ -102,16 +102,9 @@ def cache_nbytes(cache) -> int:
     return total
 
 
-def build_policy(name: str | None, params: dict[str, Any] | None = None, *, mode: str = "token"):
-    """``kvpress.policies.get_policy(name, **params)``; in chunked mode a prefill-only score policy is rebuilt
-    with ``every_chunk=True`` so it compresses after every chunk (the chunked protocol needs it)."""
-    from kvpress.policies import get_policy
-
-    params = dict(params or {})
-    policy = get_policy(name or "none", **params)
-    if mode == "chunked" and hasattr(policy, "every_chunk") and not policy.every_chunk:
-        policy = get_policy(name, **params, every_chunk=True)
-    return policy
+# Parameters every policy stage that takes them is built with, per mode (``PolicyConfig.build(overrides=...)``):
+# chunked perplexity needs score policies to compress after every chunk, not only the first forward.
+MODE_OVERRIDES: dict[str, dict[str, Any]] = {"token": {}, "chunked": {"every_chunk": True}}
 
 
 @contextlib.contextmanager

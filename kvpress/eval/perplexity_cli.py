@@ -15,7 +15,7 @@ import argparse
 import sys
 from typing import Any
 
-from kvpress.eval.cli import _param  # KEY=VALUE parsing shared with `kvpress eval --param`
+from kvpress.eval.cli import _param, _ratio  # parsing shared with `kvpress eval`
 
 DEFAULT_FULL_CHUNK = 1024
 
@@ -28,10 +28,13 @@ def add_subcommand(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default="smollm2-135m", help="embedded model name, local path or hub id")
-    p.add_argument("--policy", default="streaming_llm", help="policy name (kvpress.policies.get_policy); none = full")
+    p.add_argument("--policy", default="streaming_llm",
+                   help="policy name or expression (kvpress.policies.expr, e.g. 'snapkv(compression_ratio=0.5)'); "
+                        "none = full. A compression ratio of StreamingLLM/DecodingBudget/DuoAttention refers to "
+                        "the scored text's length")
     p.add_argument("--window", type=int, help="policy window (StreamingLLM: recent tokens kept; SnapKV: queries)")
     p.add_argument("--n-sink", type=int, help="StreamingLLM attention sinks")
-    p.add_argument("--compression-ratio", type=float, help="fraction of tokens removed (score policies)")
+    p.add_argument("--compression-ratio", type=_ratio, help="fraction of tokens removed, in [0, 1)")
     p.add_argument("--budget", type=int, help="tokens kept per head (score policies)")
     p.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE",
                    help="any other policy parameter (repeatable)")
@@ -72,6 +75,20 @@ def _run_lm_eval(argv: list[str]) -> int:
     return main(argv)
 
 
+def policy_config(args: argparse.Namespace) -> Any:
+    """The :class:`~kvpress.policies.expr.PolicyConfig` of ``--policy`` (a name with the parameter flags, or an
+    expression without them); raises ``ValueError`` naming what is wrong."""
+    from kvpress.policies.expr import PolicyConfig, parse_config
+
+    params = policy_params(args)
+    if args.policy.strip().replace("-", "_").isidentifier():
+        return PolicyConfig.of(args.policy, params, where="--policy")
+    if params:
+        raise ValueError(f"--policy {args.policy!r} is an expression: write its parameters in it, not as "
+                         f"{', '.join(sorted(params))} flags")
+    return parse_config(args.policy, "--policy")
+
+
 def policy_params(args: argparse.Namespace) -> dict[str, Any]:
     params = {
         name: getattr(args, name)
@@ -85,16 +102,22 @@ def policy_params(args: argparse.Namespace) -> dict[str, Any]:
 def run_perplexity(args: argparse.Namespace) -> int:
     import torch
 
-    from kvpress.eval.perplexity import build_policy, evaluate_perplexity, load_text, tokenize_text, write_json
+    from kvpress.eval.perplexity import MODE_OVERRIDES, evaluate_perplexity, load_text, tokenize_text, write_json
     from kvpress.models import load_model
 
+    try:
+        policy_cfg = policy_config(args)
+        policy_cfg.build(None, MODE_OVERRIDES[args.mode])  # a bad value fails before the model loads
+    except ValueError as err:
+        print(f"kvpress perplexity: error: {err}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
     text, source = load_text(args.text)
     ids = tokenize_text(tokenizer, text, args.max_tokens or None)
-    params = policy_params(args)
-    policy = build_policy(args.policy, params, mode=args.mode)
+    params = policy_cfg.parameters()
+    policy = policy_cfg.build(int(ids.shape[1]), MODE_OVERRIDES[args.mode])
     progress = not args.no_progress
     common = dict(kv_check_every=args.kv_check_every, segment_tokens=args.segment_tokens, progress=progress,
                   model_name=args.model, text_source=source)

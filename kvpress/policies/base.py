@@ -31,6 +31,8 @@ class Policy(ABC):
     needs_ragged: ClassVar[bool] = False
     # True: attention computes ctx.attention_mass (per-slot attention received) along with its output.
     wants_attention_mass: bool = False
+    # The parameters that say how much the policy keeps (a shared ratio reaches a stage that sets none of them).
+    size_parameters: ClassVar[tuple[str, ...]] = SIZE_PARAMETERS
 
     @abstractmethod
     def select(self, ctx: LayerContext) -> torch.Tensor | None: ...
@@ -65,6 +67,14 @@ def check_ratio(name: str, value: Any) -> float:
     if not 0.0 <= float(value) < 1.0:
         raise ValueError(f"{name} must be in [0, 1) (the fraction of tokens removed), got {value!r}")
     return float(value)
+
+
+def window_for_ratio(compression_ratio: float, n_tokens: int, n_fixed: int = 0) -> int:
+    """Tokens a recent window keeps so that a first forward of ``n_tokens`` tokens keeps ``1 - compression_ratio``
+    of them, ``n_fixed`` (sinks) included: ``max(1, round(n_tokens * (1 - r)) - n_fixed)``. How the policies whose
+    native size is a token count (StreamingLLM's window, DecodingBudget's budget) read a ratio."""
+    check_int("n_tokens", n_tokens, 1)
+    return max(1, round(n_tokens * (1.0 - compression_ratio)) - n_fixed)
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:

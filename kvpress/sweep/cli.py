@@ -86,7 +86,7 @@ def add_subcommand(subparsers) -> None:
 
 def spec_from_args(args: argparse.Namespace):
     from kvpress.sweep.spec import SweepSpec, load_spec, tomllib
-    from kvpress.sweep.expr import SpecError
+    from kvpress.sweep.spec import SpecError
 
     data: dict[str, Any] = {}
     source = None
@@ -112,7 +112,7 @@ def spec_from_args(args: argparse.Namespace):
 
 def _errors():
     from kvpress.sweep.backends import BackendError
-    from kvpress.sweep.expr import SpecError
+    from kvpress.sweep.spec import SpecError
     from kvpress.sweep.store import StoreError
 
     return (SpecError, StoreError, BackendError)

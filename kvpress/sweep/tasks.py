@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from kvpress.sweep.expr import SpecError
+from kvpress.sweep.spec import SpecError
 
 PERPLEXITY = "perplexity"
 LM_EVAL_PREFIX = "lm_eval:"
