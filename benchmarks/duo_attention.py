@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                           model_name=args.model, progress=True)
         per_task[task_name] = {name: entry for (name, *_), entry in zip(configs, result.metrics["entries"])}
 
-    from kvpress.eval.perplexity import evaluate_perplexity, load_text, tokenize_text
+    from kvpress.eval.perplexity import evaluate_perplexity
+    from kvpress.eval.text import load_text, tokenize_text
 
     text, _ = load_text(None)
     ppl_ids = tokenize_text(tokenizer, text, max_tokens=args.ppl_tokens)

@@ -33,7 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kvpress.eval.perplexity import MODE_OVERRIDES, evaluate_perplexity, load_text, tokenize_text, write_json  # noqa: E402
+from kvpress.eval.perplexity import MODE_OVERRIDES, evaluate_perplexity, write_json  # noqa: E402
+from kvpress.eval.text import load_text, tokenize_text  # noqa: E402
 from kvpress.policies.expr import PolicyConfig  # noqa: E402
 from kvpress.eval.perplexity_cli import print_results  # noqa: E402
 from kvpress.models import load_model  # noqa: E402

@@ -14,15 +14,14 @@ from kvpress.compat import cache_kwargs
 from kvpress.eval.perplexity import (
     _piece_sizes,
     MODE_OVERRIDES,
-    cache_nbytes,
-    default_text,
     evaluate_perplexity,
     full_forward_perplexity,
     open_cache,
     score_through_cache,
-    tokenize_text,
     write_json,
 )
+from kvpress.eval.kv_bytes import cache_nbytes
+from kvpress.eval.text import default_text, tokenize_text
 from kvpress.policies.expr import PolicyConfig
 
 N_TOKENS = 240
@@ -131,7 +130,8 @@ def test_chunked_score_policy_compresses_every_chunk(model, ids):
 def test_piece_sizes():
     assert list(_piece_sizes(10, "token", 4, 0)) == [1] * 10
     assert list(_piece_sizes(10, "token", 4, 3)) == [3] + [1] * 7
-    assert list(_piece_sizes(10, "chunked", 4, 3)) == [4, 4, 2]
+    assert list(_piece_sizes(10, "chunked", 4, 3)) == [3, 4, 3]  # a prefill piece, then chunks
+    assert list(_piece_sizes(10, "chunked", 4, 0)) == [4, 4, 2]
     assert list(_piece_sizes(3, "chunked", 8, 0)) == [3]
 
 
@@ -186,3 +186,20 @@ def test_cli_end_to_end(model, tmp_path, capsys):
     assert data["streaming_llm"]["peak_kv_bytes"] < data["full"]["peak_kv_bytes"]
     assert data["full"]["cache"] == "DynamicCache" and data["streaming_llm"]["cache"] == "KVPressCache"
     assert "perplexity" in capsys.readouterr().out
+
+
+def test_score_from_and_feed_last(model, ids):
+    """Scoring only the tokens after a prefill equals the full run's per-token NLL over those tokens; feed_last
+    leaves the cache holding every token."""
+    with open_cache(model, None) as kv:
+        full = score_through_cache(model, ids, kv, mode="chunked", chunk_size=16, prefill=40, segment_tokens=1)
+    per_token = [s["perplexity"] for s in full["segments"]]  # one segment per token
+    with open_cache(model, None) as kv:
+        part = score_through_cache(model, ids, kv, mode="chunked", chunk_size=16, prefill=40, score_from=40,
+                                   feed_last=True)
+        assert kv.get_seq_length() == ids.shape[1]
+    assert part["tokens_scored"] == ids.shape[1] - 40
+    expected = sum(math.log(p) for p in per_token[39:])
+    assert part["nll_sum"] == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="score_from"):
+        score_through_cache(model, ids, None, score_from=0)

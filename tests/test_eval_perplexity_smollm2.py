@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvpress.eval.perplexity import evaluate_perplexity, load_text, tokenize_text
+from kvpress.eval.perplexity import evaluate_perplexity
+from kvpress.eval.text import load_text, tokenize_text
 from kvpress.policies.expr import PolicyConfig
 
 pytestmark = pytest.mark.slow

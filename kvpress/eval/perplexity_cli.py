@@ -42,7 +42,7 @@ def add_subcommand(subparsers) -> None:
                    help="token: one token per forward (StreamingLLM protocol); chunked: C tokens per forward, "
                         "compress after each chunk")
     p.add_argument("--chunk-size", type=int, default=512, help="C, tokens per forward in chunked mode")
-    p.add_argument("--prefill", type=int, default=0, help="token mode: tokens of a first chunk fed in one forward")
+    p.add_argument("--prefill", type=int, default=0, help="tokens of a first piece fed in one forward (either mode)")
     p.add_argument("--text", default=None, help="UTF-8 text file (default: the stdlib's pydoc topics)")
     p.add_argument("--max-tokens", type=int, default=20000, help="score the first N tokens of the text (0 = all)")
     p.add_argument("--compare-full", action="store_true", help="also run the uncompressed cache on the same text")
@@ -102,7 +102,8 @@ def policy_params(args: argparse.Namespace) -> dict[str, Any]:
 def run_perplexity(args: argparse.Namespace) -> int:
     import torch
 
-    from kvpress.eval.perplexity import MODE_OVERRIDES, evaluate_perplexity, load_text, tokenize_text, write_json
+    from kvpress.eval.perplexity import MODE_OVERRIDES, evaluate_perplexity, write_json
+    from kvpress.eval.text import load_text, tokenize_text
     from kvpress.models import load_model
 
     try:

@@ -158,7 +158,7 @@ _TEXT_IDS: dict[tuple, Any] = {}
 
 
 def _text_ids(tokenizer, path: str | None, n_tokens: int):
-    from kvpress.eval.perplexity import load_text, tokenize_text
+    from kvpress.eval.text import load_text, tokenize_text
 
     key = (id(tokenizer), path, n_tokens)
     if key not in _TEXT_IDS:
