@@ -50,13 +50,10 @@ def duo(pattern: Path, s: float, common: tuple, bits: int | None = None) -> Poli
 
 
 def heat_map(patterns: dict[str, DuoPattern], path: Path) -> None:
-    import matplotlib
+    from kvpress.eval.report import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(patterns), figsize=(1.6 + 1.5 * len(patterns), 6.5), squeeze=False,
-                             sharey=True)
+    fig = figure(figsize=(1.6 + 1.5 * len(patterns), 6.5))
+    axes = fig.subplots(1, len(patterns), squeeze=False, sharey=True)
     for i, (ax, (name, pattern)) in enumerate(zip(axes[0], patterns.items())):
         image = ax.imshow(pattern.gates.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1,
                           interpolation="nearest")
@@ -67,7 +64,6 @@ def heat_map(patterns: dict[str, DuoPattern], path: Path) -> None:
             ax.set_ylabel("layer")
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="gate (1 = retrieval)")
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

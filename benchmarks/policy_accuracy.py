@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kvpress  # noqa: E402
 from kvpress.eval import PolicyConfig, evaluate, get_task  # noqa: E402
+from kvpress.eval.report import ci95  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from policy_overhead import POLICIES as OVERHEAD_POLICIES  # noqa: E402
@@ -65,6 +65,12 @@ QUICK = dict(ratios=[0.5, 0.75], samples=2, modes=["query-agnostic"], overhead_r
 FULL = dict(ratios=RATIOS, samples=10, modes=["query-agnostic", "query-aware"], overhead_reps=3)
 
 
+def _ci95_pct(scores: list[float]) -> float:
+    """95% interval half-width of the mean of scores in [0, 1], in points (nan for fewer than 2 scores)."""
+    half = ci95(scores)
+    return float("nan") if half is None else 100 * half
+
+
 def specs_for(labels: list[str], ratios: list[float]) -> list[PolicyConfig]:
     specs = [PolicyConfig()]
     for label in labels:
@@ -78,15 +84,6 @@ def specs_for(labels: list[str], ratios: list[float]) -> list[PolicyConfig]:
 def label_of(spec: PolicyConfig) -> str:
     return "none" if spec.is_baseline else next(
         k for k, v in ALL.items() if v[0] == spec.name and dict(v[1]) == dict(spec.stages[0].params))
-
-
-def _ci95(scores: list[float]) -> float:
-    n = len(scores)
-    if n < 2:
-        return float("nan")
-    mean = sum(scores) / n
-    var = sum((s - mean) ** 2 for s in scores) / (n - 1)
-    return 1.96 * math.sqrt(var / n) * 100
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,7 +254,7 @@ def summarize(records: list[dict], modes: list[str], all_tasks: list[str]) -> st
             time_ratio = cells[tasks[0]].get("policy_time_ratio")
             out.append(
                 f"| {policy} | {shown} | " + " | ".join(f"{s:.0f}" for s in scores)
-                + f" | {mean:.1f} | {100 * mean / full_mean if full_mean else float('nan'):.0f}% | {_ci95(samples):.0f}"
+                + f" | {mean:.1f} | {100 * mean / full_mean if full_mean else float('nan'):.0f}% | {_ci95_pct(samples):.0f}"
                 + f" | {kv:.2f} | {'' if time_ratio is None else f'{time_ratio:.2f}x'} |"
             )
     return "\n".join(out)

@@ -257,12 +257,13 @@ def _family(name: str) -> str:
 
 def plot_matched(records: list[dict], path: str) -> str | None:
     """Perplexity (log) against mean effective bits, one series per family; None if matplotlib is missing."""
-    try:  # no pyplot: a bare Figure renders with the Agg canvas
-        from matplotlib.figure import Figure
+    from kvpress.eval.report import figure
+
+    try:
+        fig = figure(figsize=(7.5, 4.8))
     except ImportError:
         return None
     ok = [r for r in records if "error" not in r]
-    fig = Figure(figsize=(7.5, 4.8))
     ax = fig.add_subplot()
     families: dict[str, list[dict]] = {}
     for r in ok:

@@ -122,6 +122,7 @@ def test_grid_run_writes_results_and_plots(model, tok, tmp_path):
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == sorted([
         "samples.jsonl", "metrics.json", "summary.csv", "summary.md", "config.json", "score_vs_ratio.png",
+        "score_vs_bytes.png",
         "heatmap_none.png", "heatmap_snapkv_compression_ratio_0.5.png",
     ])
     lines = (tmp_path / "samples.jsonl").read_text().splitlines()

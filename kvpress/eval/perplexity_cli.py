@@ -149,37 +149,23 @@ def run_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:,.2f} MiB"
-
-
 def print_results(results: dict) -> None:
     """A side-by-side table of the runs (rich when available)."""
+    from kvpress.eval.report import mib, print_table
+
     rows = [
         ("how", lambda r: r.describe()),
         ("perplexity", lambda r: f"{r.perplexity:.3f}"),
         ("tokens scored", lambda r: f"{r.tokens_scored:,}"),
         ("tokens/s", lambda r: f"{r.tokens_per_second:,.1f}"),
         ("seconds", lambda r: f"{r.seconds:,.1f}"),
-        ("peak KV bytes", lambda r: f"{r.peak_kv_bytes:,} ({_mib(r.peak_kv_bytes)})"),
-        ("final KV bytes", lambda r: f"{r.final_kv_bytes:,} ({_mib(r.final_kv_bytes)})"),
+        ("peak KV bytes", lambda r: f"{r.peak_kv_bytes:,} ({mib(r.peak_kv_bytes)} MiB)"),
+        ("final KV bytes", lambda r: f"{r.final_kv_bytes:,} ({mib(r.final_kv_bytes)} MiB)"),
         ("last segment ppl", lambda r: f"{r.segments[-1]['perplexity']:.3f}" if r.segments else "-"),
     ]
     labels = list(results)
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:  # pragma: no cover - rich is a dependency
-        for name, fn in rows:
-            print(f"{name:>18}: " + " | ".join(fn(results[k]) for k in labels))
-    else:
-        table = Table(title="perplexity through the KV cache")
-        table.add_column("")
-        for label in labels:
-            table.add_column(label, justify="right")
-        for name, fn in rows:
-            table.add_row(name, *(fn(results[k]) for k in labels))
-        Console().print(table)
+    print_table("perplexity through the KV cache", ["", *labels],
+                [[name, *(fn(results[k]) for k in labels)] for name, fn in rows])
     notes = {note for r in results.values() for note in r.notes}
     for note in sorted(notes):
         print(f"note: {note}")

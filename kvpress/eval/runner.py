@@ -139,7 +139,8 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _pct(values: Sequence[float]) -> float | None:
+def _score_x100(values: Sequence[float]) -> float | None:
+    """Mean of scores in [0, 1], as a percentage rounded to 2 decimals (the metrics' scale)."""
     m = _mean(values)
     return None if m is None else round(100.0 * m, 2)
 
@@ -176,10 +177,10 @@ def summarize(records: Sequence[dict[str, Any]], specs: Sequence[PolicyConfig]) 
             "policy": spec.name,
             "parameters": spec.parameters(),
             "compression_ratio": spec.compression_ratio,
-            "score": _pct([r["score"] for r in rows]),
-            "per_length": {k: _pct(v) for k, v in by_length.items()},
-            "per_depth": {k: _pct(v) for k, v in by_depth.items()} or None,
-            "grid": {d: {k: _pct(v) for k, v in row.items()} for d, row in grid.items()} or None,
+            "score": _score_x100([r["score"] for r in rows]),
+            "per_length": {k: _score_x100(v) for k, v in by_length.items()},
+            "per_depth": {k: _score_x100(v) for k, v in by_depth.items()} or None,
+            "grid": {d: {k: _score_x100(v) for k, v in row.items()} for d, row in grid.items()} or None,
             "n_samples": len(rows),
             "empty_answers": sum(r["empty"] for r in rows),
             "kv_bytes": _mean([r["kv_bytes"] for r in rows]),
