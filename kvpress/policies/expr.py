@@ -33,7 +33,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from kvpress.policies.pipeline import Pipeline
+from kvpress.policies.interface import Pipeline
 from kvpress.policies.registry import available_policies, canonical_policy_name, get_policy, policy_factory, \
     size_parameters
 

@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from kvpress.sweep.spec import SpecError
+from kvpress.policies.expr import ExpressionError as SpecError  # the sweep's error (kvpress.sweep.SpecError)
 
 PERPLEXITY = "perplexity"
 LM_EVAL_PREFIX = "lm_eval:"
