@@ -2,7 +2,7 @@
 query-aware, with bytes held and the policy's prefill time as a ratio to the uncompressed prefill.
 
     python benchmarks/policy_accuracy.py --out benchmarks/results/policy_accuracy.json        # full (hours)
-    python benchmarks/policy_accuracy.py --quick --out /tmp/policy_accuracy_quick.json        # <= 15 min
+    python benchmarks/policy_accuracy.py --quick --out runs/policy_accuracy_quick.json        # <= 15 min
 
 The full grid takes hours on 2 cores, so ``--out`` is rewritten after every (mode, task) and a rerun with the
 same ``--out`` resumes: finished (mode, task) pairs are kept, not recomputed. To use both cores, run disjoint

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Sequence
 
 from kvpress.eval.report import (ci95, code, draw_heatmap, family, fmt, groups, mean, panels, pct,
                                  plot_score_vs_bytes, plot_score_vs_ratio, write_csv)
+from kvpress.sweep.records import RecordsFile, open_results
 from kvpress.sweep.store import ResultStore
 
 __all__ = ["load_records", "load_rows", "aggregate", "family", "headline_table", "task_tables", "times_table",
@@ -42,10 +43,11 @@ TIME_FIELDS = ["model", "task", "mode", "policy", "n_samples", "seconds_per_samp
 # ----------------------------------------------------------------------------------------------------- loading
 
 
-def load_records(store: str | Path | ResultStore, keys: Iterable[str] | None = None) -> list[dict[str, Any]]:
-    """The stored cell records (only ``keys`` when given), in key order."""
-    if not isinstance(store, ResultStore):
-        store = ResultStore.open(store)
+def load_records(store: str | Path | ResultStore | RecordsFile,
+                 keys: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """The stored cell records (only ``keys`` when given), in key order; ``store``: a result store or a records
+    file (:mod:`kvpress.sweep.records`)."""
+    store = open_results(store)
     wanted = None if keys is None else set(keys)
     return [r for r in store.records() if wanted is None or r["key"] in wanted]
 
@@ -112,7 +114,8 @@ def aggregate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=_sort_key)
 
 
-def load_rows(store: str | Path | ResultStore, keys: Iterable[str] | None = None) -> list[dict[str, Any]]:
+def load_rows(store: str | Path | ResultStore | RecordsFile,
+              keys: Iterable[str] | None = None) -> list[dict[str, Any]]:
     """:func:`aggregate` of the stored records (only ``keys`` when given)."""
     return aggregate(load_records(store, keys))
 
@@ -257,14 +260,14 @@ def plot_needle_heatmaps(records: Sequence[dict[str, Any]], task: str, ratio: fl
 # ----------------------------------------------------------------------------------------------------- writing
 
 
-def write_report(store: str | Path | ResultStore, out_dir: str | Path, *, markdown: str | Path | None = None,
-                 keys: Iterable[str] | None = None, title: str | None = None, intro: str = "",
-                 readme: str | Path | None = None, plots: bool = True) -> list[Path]:
-    """Write the report of ``store`` (only ``keys`` when given) into ``out_dir``; ``markdown`` puts the Markdown
-    elsewhere (image links relative to it). ``readme``: replace the block between ``README_START`` and
-    ``README_END`` in that file with the headline table. Returns the files written."""
-    if not isinstance(store, ResultStore):
-        store = ResultStore.open(store)
+def write_report(store: str | Path | ResultStore | RecordsFile, out_dir: str | Path, *,
+                 markdown: str | Path | None = None, keys: Iterable[str] | None = None, title: str | None = None,
+                 intro: str = "", readme: str | Path | None = None, plots: bool = True) -> list[Path]:
+    """Write the report of ``store`` (a result store or a records file; only ``keys`` when given) into
+    ``out_dir``; ``markdown`` puts the Markdown elsewhere (image links relative to it). ``readme``: replace the
+    block between ``README_START`` and ``README_END`` in that file with the headline table. Returns the files
+    written. The same records give the same report, byte for byte (times included), from a store or its export."""
+    store = open_results(store)
     records = load_records(store, keys)
     if not records:
         raise ValueError(f"{store.root}: no finished cells to report")
