@@ -144,9 +144,14 @@ def _ylabel(row: dict[str, Any]) -> str:
     return f"score ({row['metric']})" if row["metric"] in ("all", "part") else row["metric"]
 
 
-def _title(key: tuple) -> str:
+def _label(ax, key: tuple, row: dict[str, Any], xlabel: str, legend_size: int) -> None:
+    """Title (the task, and its mode unless query-agnostic), axis labels, grid and legend of one panel."""
     _, task, mode = key
-    return task + (f" ({mode})" if mode and mode != "query-agnostic" else "")
+    ax.set_title(task + (f" ({mode})" if mode and mode != "query-agnostic" else ""), fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(_ylabel(row))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
 
 
 def plot_score_vs_ratio(rows: Sequence[dict[str, Any]]):
@@ -164,11 +169,7 @@ def plot_score_vs_ratio(rows: Sequence[dict[str, Any]]):
         for r in members:
             if r["policy"] == "none" and r["score"] is not None:
                 ax.axhline(r["score"], linestyle="--", color="gray", label=f"uncompressed ({r['score']:.1f})")
-        ax.set_title(_title(key), fontsize=10)
-        ax.set_xlabel("compression ratio (fraction of tokens evicted)")
-        ax.set_ylabel(_ylabel(members[0]))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _label(ax, key, members[0], "compression ratio (fraction of tokens evicted)", legend_size=7)
     fig.tight_layout()
     return fig
 
@@ -204,11 +205,7 @@ def plot_score_vs_bytes(rows: Sequence[dict[str, Any]]):
             front.append((max(p[0] for p in points), front[-1][1]))  # the front holds up to the largest cache
             ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", alpha=0.5,
                     linewidth=1, label="Pareto front", zorder=2)
-        ax.set_title(_title(key), fontsize=10)
-        ax.set_xlabel("KV bytes held / uncompressed")
-        ax.set_ylabel(_ylabel(members[0]))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        _label(ax, key, members[0], "KV bytes held / uncompressed", legend_size=6)
     fig.tight_layout()
     return fig
 

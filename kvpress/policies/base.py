@@ -15,7 +15,7 @@ from kvpress.context import LayerContext
 from kvpress.policies.interface import SIZE_PARAMETERS, Pipeline, Policy, is_storage_spec
 
 __all__ = ["SIZE_PARAMETERS", "Policy", "Pipeline", "is_storage_spec", "ScorePolicy", "check_ratio", "check_int",
-           "check_fraction", "window_for_ratio", "recent_mask", "keep_topk", "keep_count"]
+           "check_fraction", "window_for_ratio", "RatioSized", "recent_mask", "keep_topk", "keep_count"]
 
 def check_ratio(name: str, value: Any) -> float:
     """Validate a compression ratio: a real number in [0, 1)."""
@@ -77,6 +77,31 @@ def keep_count(n_real: torch.Tensor, compression_ratio: float | None, budget: in
         return n_real.clamp(max=budget)
     kept = (n_real.double() * (1.0 - compression_ratio)).floor().long()
     return kept.clamp(min=1).minimum(n_real)
+
+
+class RatioSized:
+    """Mixin of the policies whose native size is not a ratio (StreamingLLM's window, DecodingBudget's budget,
+    DuoAttention's head sparsity) but that also take ``compression_ratio``: they size themselves from it at the first
+    forward on each fresh cache (``n`` = that forward's tokens), or once for good from a known length with
+    :meth:`size_for`. A subclass sets ``_fixed`` (True when sized by its native parameter) and implements ``_size``."""
+
+    compression_ratio: float | None = None
+    _fixed: bool = True
+
+    def _size(self, n_tokens: int) -> None:
+        raise NotImplementedError
+
+    def size_for(self, n_tokens: int) -> None:
+        """Fix the size from ``compression_ratio`` for a first forward of ``n_tokens`` tokens (no-op when the policy
+        was sized by its own parameter)."""
+        if self.compression_ratio is not None:
+            self._size(n_tokens)
+        self._fixed = True
+
+    def size_at(self, ctx: LayerContext, unsized: bool) -> None:
+        """Size from this forward when it is a fresh cache's first one (or nothing is sized yet), unless fixed."""
+        if not self._fixed and (unsized or ctx.phase == "prefill"):
+            self._size(ctx.seq_len)
 
 
 class ScorePolicy(Policy):

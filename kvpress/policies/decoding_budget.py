@@ -7,10 +7,11 @@ from typing import Any
 import torch
 
 from kvpress.context import LayerContext
-from kvpress.policies.base import Policy, ScorePolicy, check_int, check_ratio, keep_topk, recent_mask, window_for_ratio
+from kvpress.policies.base import (Policy, RatioSized, ScorePolicy, check_int, check_ratio, keep_topk, recent_mask,
+                                   window_for_ratio)
 
 
-class DecodingBudget(Policy):
+class DecodingBudget(RatioSized, Policy):
     """Re-apply a :class:`ScorePolicy` while generating, so that no head ever holds more than
     ``budget + interval`` tokens.
 
@@ -53,19 +54,11 @@ class DecodingBudget(Policy):
             raise ValueError(f"window must be smaller than budget ({budget}), got {self.window!r}")
         self.budget = budget
 
-    def size_for(self, n_tokens: int) -> None:
-        """Fix the budget from ``compression_ratio`` for a first forward of ``n_tokens`` tokens (no-op when the
-        budget was given)."""
-        self._size(n_tokens)
-        self._fixed = True
-
     def _size(self, n_tokens: int) -> None:
-        if self.compression_ratio is not None:
-            self._set_budget(window_for_ratio(self.compression_ratio, n_tokens))
+        self._set_budget(window_for_ratio(self.compression_ratio, n_tokens))
 
     def select(self, ctx: LayerContext) -> torch.Tensor | None:
-        if not self._fixed and (self.budget is None or ctx.phase == "prefill"):
-            self._size(ctx.seq_len)
+        self.size_at(ctx, self.budget is None)
         keep = None
         if ctx.phase == "prefill" or (self.policy.every_chunk and ctx.phase == "extend"):
             keep = self.policy.select(ctx)  # its own prefill compression

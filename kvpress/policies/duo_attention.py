@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from kvpress.context import ForwardContext, LayerContext
-from kvpress.policies.base import Policy, check_fraction, check_int, check_ratio
+from kvpress.policies.base import Policy, RatioSized, check_fraction, check_int, check_ratio
 
 
-class DuoAttention(Policy):
+class DuoAttention(RatioSized, Policy):
     """Streaming heads keep the first ``n_sink`` real tokens and the last ``window``; retrieval heads keep all.
 
     Args:
@@ -93,14 +93,8 @@ class DuoAttention(Policy):
         if self.pattern is not None and (self.sparsity is not None or self.threshold is not None):
             self._streaming = self.pattern.streaming(sparsity=self.sparsity, threshold=self.threshold)
 
-    def size_for(self, n_tokens: int) -> None:
-        """Fix the sparsity from ``compression_ratio`` for a first forward of ``n_tokens`` tokens (no-op when
-        ``sparsity`` or ``threshold`` was given)."""
-        self._size(n_tokens)
-        self._fixed = True
-
     def _size(self, n_tokens: int) -> None:
-        if self.compression_ratio is None or n_tokens == self._sized_for:
+        if n_tokens == self._sized_for:
             return
         span = (self.n_sink + self.window) / check_int("n_tokens", n_tokens, 1)
         r = self.compression_ratio
@@ -131,8 +125,7 @@ class DuoAttention(Policy):
 
     # -- policy ----------------------------------------------------------------------------------------------
     def select(self, ctx: LayerContext) -> torch.Tensor | None:
-        if not self._fixed and (self.sparsity is None or ctx.phase == "prefill"):
-            self._size(ctx.seq_len)
+        self.size_at(ctx, self.sparsity is None and self.threshold is None)
         streaming = self.streaming_heads
         if ctx.layer_idx >= streaming.shape[0] or ctx.num_kv_heads != streaming.shape[1]:
             raise ValueError(f"the DuoAttention pattern is {tuple(streaming.shape)} (layers, KV heads); layer "

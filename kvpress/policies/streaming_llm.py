@@ -7,10 +7,10 @@ from typing import Any
 import torch
 
 from kvpress.context import LayerContext
-from kvpress.policies.base import Policy, check_int, check_ratio, window_for_ratio
+from kvpress.policies.base import Policy, RatioSized, check_int, check_ratio, window_for_ratio
 
 
-class StreamingLLM(Policy):
+class StreamingLLM(RatioSized, Policy):
     """Keep the first ``n_sink`` tokens and the ``window`` most recent ones; evict everything between.
 
     Applied after every forward (prefill, extend and each decoding step), so each head holds at most
@@ -45,19 +45,11 @@ class StreamingLLM(Policy):
             raise ValueError(f"reposition must be True or False, got {reposition!r}")
         self.reposition = reposition
 
-    def size_for(self, n_tokens: int) -> None:
-        """Fix the window from ``compression_ratio`` for a first forward of ``n_tokens`` tokens (no-op when the
-        window was given)."""
-        self._size(n_tokens)
-        self._fixed = True
-
     def _size(self, n_tokens: int) -> None:
-        if self.compression_ratio is not None:
-            self.window = window_for_ratio(self.compression_ratio, n_tokens, self.n_sink)
+        self.window = window_for_ratio(self.compression_ratio, n_tokens, self.n_sink)
 
     def select(self, ctx: LayerContext) -> torch.Tensor | None:
-        if not self._fixed and (self.window is None or ctx.phase == "prefill"):
-            self._size(ctx.seq_len)
+        self.size_at(ctx, self.window is None)
         valid = ctx.key_valid
         if ctx.num_cached <= self.n_sink + self.window and bool(valid.all()):
             return None
