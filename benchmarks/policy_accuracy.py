@@ -49,7 +49,7 @@ POLICIES: dict[str, tuple[str, dict]] = {
     "adakv(snapkv)": ("adakv", {"scorer": "snapkv"}),
     "kvzip": ("kvzip", {}),
     "learned": ("learned", {}),  # the shipped MLP predictor of KVzip's scores
-    "learned(linear)": ("learned", {"kind": "linear"}),  # the shipped linear predictor
+    "learned(kind='linear')": ("learned", {"kind": "linear"}),  # the shipped linear predictor
 }
 # label -> (registry name, parameters): sized by their content, not a ratio; one row each, whose
 # compression_ratio is the achieved one (1 - bytes held / full bytes) and `threshold` is set
