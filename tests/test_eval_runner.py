@@ -206,7 +206,7 @@ def test_cli_grid_end_to_end(model, tok, tmp_path, capsys):
         kvpress_main(["eval", "nope", "--model", str(model_dir)])
 
 
-def test_cli_runs_a_policy_without_ratio_once(monkeypatch):
+def test_cli_runs_a_policy_without_ratio_once(monkeypatch, capsys):
     from kvpress.eval.cli import checked_configurations
     from kvpress.policies import registry
 
@@ -216,6 +216,7 @@ def test_cli_runs_a_policy_without_ratio_once(monkeypatch):
     labels = [s.label for s in checked_configurations(cfg)]
     assert labels == ["none", "snapkv(compression_ratio=0.25)", "snapkv(compression_ratio=0.5)", "sinks_only",
                       "kvquant(bits=4)"]
+    assert capsys.readouterr().out.count("takes no compression ratio") == 2  # sinks_only, kvquant(bits=4)
     with pytest.raises(ValueError, match="unknown policy"):
         checked_configurations({**cfg, "policies": ["nonsense"]})
 

@@ -133,8 +133,10 @@ def checked_configurations(cfg: dict[str, Any]) -> list:
     from kvpress.policies.expr import check_builds
 
     configs = configurations(cfg["policies"], cfg["compression_ratios"], cfg["params"], baseline=cfg["baseline"])
-    for i, config in enumerate(configs):
+    for config in configs:
         check_builds(config, max(cfg["lengths"]), f"--policy ({config.label})")
+        if cfg["compression_ratios"] and config.ratio is None and not config.is_baseline:
+            print(f"note: {config.label} takes no compression ratio (or is sized by its own parameters): it runs once")
     return configs
 
 
