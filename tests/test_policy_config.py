@@ -30,6 +30,19 @@ def test_every_eviction_policy_takes_a_compression_ratio(name):
     assert parse_config(config.label).build(400).params() == config.build(400).params()
 
 
+def test_labels_of_python_parameters_parse_back():
+    """Parameters given from Python (eval's --param, the benchmarks) print as literals the parser reads back."""
+    config = PolicyConfig.of("adakv", {"scorer": "snapkv", "scorer_params": {"window": 16}}, 0.5)
+    assert config.label == "adakv(compression_ratio=0.5, scorer='snapkv', scorer_params={'window': 16})"
+    again = parse_config(config.label)
+    assert again.label == config.label and again.build(400).params() == config.build(400).params()
+    assert config.build(400).scorer.window == 16
+    assert PolicyConfig.of("kvquant", {"bits": 4, "fp_dtype": torch.float16}).label == \
+        "kvquant(bits=4, fp_dtype=torch.float16)"
+    with pytest.raises(ValueError, match="dictionary holds literals only"):
+        parse_config("adakv(scorer_params={'window': [8, 16]})")
+
+
 def test_the_registry_is_all_covered():
     assert set(EVICTION) >= {"streaming_llm", "duo_attention", "decoding_budget", "snapkv"}
     assert get_policy("kvquant", bits=4) is not None  # a quantizer, not an eviction policy: no ratio

@@ -12,7 +12,8 @@ configuration).
 
 Names are looked up in :mod:`kvpress.policies.registry` and parameters are checked against the registered
 factory's signature (``inspect``), so a policy registered tomorrow works here unchanged. Values may be numbers,
-strings, booleans, ``None``, tuples, ``torch.<dtype>``, nested policy calls and (as grid axes) lists of those.
+strings, booleans, ``None``, tuples, dictionaries of literals, ``torch.<dtype>``, nested policy calls and (as grid
+axes) lists of those.
 
 A shared ratio (the sweep's ``ratios`` axis, ``kvpress eval --compression-ratio``) reaches every top-level stage
 whose factory takes ``compression_ratio`` and that is not sized already (by ``compression_ratio``, ``budget``,
@@ -60,6 +61,29 @@ class Dtype:
 
 
 @dataclass(frozen=True)
+class Mapping:
+    """A ``{"key": value}`` literal written in an expression (e.g. ``adakv(scorer_params={'window': 16})``), kept
+    as sorted items so configurations stay hashable; built as a ``dict``."""
+
+    items: tuple[tuple[str, Any], ...]
+
+    def __str__(self) -> str:
+        return "{" + ", ".join(f"{k!r}: {_value_text(v)}" for k, v in self.items) + "}"
+
+
+def literal(value: Any) -> Any:
+    """A Python parameter value in the form configurations hold: dicts as :class:`Mapping`, lists as tuples
+    (literal sequences, not grid axes), ``torch`` dtypes as :class:`Dtype`."""
+    if isinstance(value, dict):
+        return Mapping(tuple(sorted((str(k), literal(v)) for k, v in value.items())))
+    if isinstance(value, (list, tuple)):
+        return tuple(literal(v) for v in value)
+    if type(value).__module__ == "torch" and type(value).__name__ == "dtype":
+        return Dtype(str(value).split(".", 1)[1])
+    return value
+
+
+@dataclass(frozen=True)
 class Stage:
     """One registry policy with explicit parameters (values are literals, :class:`Dtype` or nested stages)."""
 
@@ -100,7 +124,7 @@ class PolicyConfig:
             if key not in known and not open_kwargs:
                 raise ExpressionError(f"{where}: policy {name!r} has no parameter {key!r}; its parameters: "
                                       f"{', '.join(known) or 'none'}")
-        stage = Stage(name, tuple((params or {}).items()))
+        stage = Stage(name, tuple((k, literal(v)) for k, v in (params or {}).items()))
         if ratio is not None:
             _check_ratio(ratio)
             stage = Stage(stage.name, stage.params, ratio_route(stage))
@@ -223,6 +247,8 @@ def _build_value(value: Any, n_tokens: int | None, overrides: dict[str, Any]) ->
         return _build_stage(value, n_tokens, None, overrides)
     if isinstance(value, Dtype):
         return value.resolve()
+    if isinstance(value, Mapping):
+        return {k: _build_value(v, n_tokens, overrides) for k, v in value.items}
     if isinstance(value, tuple):
         return tuple(_build_value(v, n_tokens, overrides) for v in value)
     return value
@@ -247,7 +273,7 @@ def _build_stage(stage: Stage, n_tokens: int | None, ratio: float | None, overri
 def _value_text(value: Any) -> str:
     if isinstance(value, Stage):
         return value.text()
-    if isinstance(value, Dtype):
+    if isinstance(value, (Dtype, Mapping)):
         return str(value)
     if isinstance(value, tuple):
         inner = ", ".join(_value_text(v) for v in value)
@@ -262,6 +288,8 @@ def _value_json(value: Any) -> Any:
         return _stage_json(value)
     if isinstance(value, Dtype):
         return str(value)
+    if isinstance(value, Mapping):
+        return {k: _value_json(v) for k, v in value.items}
     if isinstance(value, tuple):
         return [_value_json(v) for v in value]
     return value
@@ -299,6 +327,13 @@ def _parse_value(node: ast.AST, where: str) -> Any:
         return _Axis(tuple(_parse_value(e, where) for e in node.elts))
     if isinstance(node, ast.Tuple):
         return tuple(_parse_value(e, where) for e in node.elts)
+    if isinstance(node, ast.Dict):
+        if not all(isinstance(k, ast.Constant) and isinstance(k.value, str) for k in node.keys):
+            raise ExpressionError(f"{where}: dictionary keys must be strings, got {ast.unparse(node)!r}")
+        items = {k.value: _parse_value(v, where) for k, v in zip(node.keys, node.values)}
+        if any(isinstance(v, (_Axis, _Call)) for v in items.values()):
+            raise ExpressionError(f"{where}: a dictionary holds literals only (no lists as grid axes, no policy calls)")
+        return Mapping(tuple(sorted(items.items())))
     if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "torch":
         import torch
 
@@ -308,7 +343,7 @@ def _parse_value(node: ast.AST, where: str) -> Any:
     if isinstance(node, (ast.Call, ast.Name)):
         return _parse_call(node, where)
     raise ExpressionError(f"{where}: unsupported value {ast.unparse(node)!r} (numbers, strings, True/False/None, "
-                    "tuples, torch.<dtype>, policy calls, and lists as grid axes)")
+                          "tuples, dictionaries, torch.<dtype>, policy calls, and lists as grid axes)")
 
 
 def _parse_call(node: ast.AST, where: str) -> _Call:
