@@ -59,4 +59,4 @@ def test_cli_needle_grid(smollm2, tmp_path):
     assert set(grid) == {"0", "1"} and grid["0"] == {"512": 100.0}  # (depth 1 of this sample: "898123.", a miss)
     assert grid["1"]["512"] in (0.0, 100.0)
     assert (out / "heatmap_none.png").stat().st_size > 5000
-    assert (out / "heatmap_snapkv_r_0.5.png").is_file() and (out / "score_vs_ratio.png").is_file()
+    assert (out / "heatmap_snapkv_compression_ratio_0.5.png").is_file() and (out / "score_vs_ratio.png").is_file()
