@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             label, overrides, mode = STREAMING_RUNS[run]
             results[label] = evaluate_perplexity(
-                model, ids, policy=PolicyConfig.of("streaming_llm", {**params, **overrides}).build(None, MODE_OVERRIDES[mode]),
+                model, ids,
+                policy=PolicyConfig.of("streaming_llm", {**params, **overrides}).build(None, MODE_OVERRIDES[mode]),
                 policy_name="streaming_llm", mode=mode, chunk_size=args.chunk_size, **common,
             )
         if args.out:  # keep what is done so far if a later run is interrupted

@@ -38,7 +38,8 @@ def _task(name, max_new_tokens=3):
 def test_every_task_end_to_end(model, tok, name):
     specs = configurations(["snapkv", "streaming_llm"], [0.5])
     result = evaluate(model, tok, _task(name), specs, [LENGTH], 1, progress=False, model_name="tiny")
-    assert [r["label"] for r in result.records] == ["none", "snapkv(compression_ratio=0.5)", "streaming_llm(compression_ratio=0.5)"]
+    assert [r["label"] for r in result.records] == [
+        "none", "snapkv(compression_ratio=0.5)", "streaming_llm(compression_ratio=0.5)"]
     none, snap, stream = result.records
     assert none["kv_bytes"] == none["context_tokens"] * BYTES_PER_TOKEN  # query-agnostic: context only
     for r in (snap, stream):
@@ -46,7 +47,8 @@ def test_every_task_end_to_end(model, tok, name):
         assert 0.0 <= r["score"] <= 1.0 and r["gold"] == none["gold"] and r["task"] == name
     assert stream["parameters"]["window"] == round(none["context_tokens"] * 0.5) - 4  # sized at the first forward
     entries = {e["label"]: e for e in result.metrics["entries"]}
-    assert entries["snapkv(compression_ratio=0.5)"]["kv_fraction"] == pytest.approx(snap["kv_bytes"] / none["kv_bytes"], abs=1e-4)
+    assert entries["snapkv(compression_ratio=0.5)"]["kv_fraction"] == pytest.approx(
+        snap["kv_bytes"] / none["kv_bytes"], abs=1e-4)
     assert entries["none"]["per_length"] == {str(LENGTH): 100.0 * none["score"]}
 
 

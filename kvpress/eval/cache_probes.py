@@ -32,7 +32,8 @@ class NeedleResult:
     answers: list[str]
 
 
-def _needle_prompts(tokenizer, n_trials: int, haystack_tokens: int, seed: int) -> list[tuple[list[int], list[int], str]]:
+def _needle_prompts(tokenizer, n_trials: int, haystack_tokens: int,
+                    seed: int) -> list[tuple[list[int], list[int], str]]:
     text = default_text()
     rng = random.Random(seed)
     prompts = []

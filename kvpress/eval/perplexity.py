@@ -7,22 +7,22 @@ routine that does it (the harness, the sweep, the lm-eval adapter and :mod:`kvpr
 In either mode an optional first piece of ``prefill`` tokens goes in one forward. Two modes:
 
 ``token``
-    After the optional prefill, feed one token per forward and score the next. A policy that evicts at every forward (StreamingLLM) keeps the cache bounded,
-    so this runs to arbitrarily long texts in bounded memory. No attention mask is passed (the model derives
-    positions from the cache) and only the per-step logits are kept, so a step costs the same at token
-    100 000 as at token 1000 once the cache is full.
+    After the optional prefill, feed one token per forward and score the next. A policy that evicts at every
+    forward (StreamingLLM) keeps the cache bounded, so this runs to arbitrarily long texts in bounded memory. No
+    attention mask is passed (the model derives positions from the cache) and only the per-step logits are kept,
+    so a step costs the same at token 100 000 as at token 1000 once the cache is full.
 ``chunked``
-    Feed ``chunk_size`` (C) tokens per forward (after the optional prefill), score all C next-token predictions of the chunk, let the policy
-    compress, continue. Each chunk attends to the compressed past plus itself, uncompressed. Score policies
-    (SnapKV, ...) are built with ``every_chunk=True`` so they compress after every chunk, not only the first.
+    Feed ``chunk_size`` (C) tokens per forward (after the optional prefill), score all C next-token predictions of
+    the chunk, let the policy compress, continue. Each chunk attends to the compressed past plus itself,
+    uncompressed. Score policies (SnapKV, ...) are built with ``every_chunk=True`` so they compress after every
+    chunk, not only the first.
 
 Both modes score the same tokens: every token of the text but the first (``tokens_scored = N - 1``), so a
 compressed run and a full-cache run on the same text are directly comparable.
 
 KV bytes (counted by :func:`kvpress.eval.kv_bytes.cache_nbytes`): ``peak_kv_bytes`` is the maximum of the bytes
-the cache holds *between forwards*, read every
-``kv_check_every`` forwards, after the first forward and after the last one. For a growing cache the peak is
-the final value; for a bounded cache (StreamingLLM) the size is constant once the window filled, so the
+the cache holds *between forwards*, read every ``kv_check_every`` forwards, after the first forward and after the
+last one. For a growing cache the peak is the final value; for a bounded cache (StreamingLLM) the size is constant once the window filled, so the
 sampled maximum is the true one. Transient buffers inside a forward (attention scores, the new tokens before
 eviction) are not counted.
 """

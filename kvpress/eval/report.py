@@ -77,7 +77,7 @@ def write_csv(path: str | Path, rows: Sequence[dict[str, Any]], fields: Sequence
         writer = csv.DictWriter(fh, fieldnames=list(fields), lineterminator="\n")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: (round(row[k], 6) if isinstance(row.get(k), float) else row.get(k, "")) for k in fields})
+            writer.writerow({k: round(row[k], 6) if isinstance(row.get(k), float) else row.get(k, "") for k in fields})
     return path
 
 

@@ -139,7 +139,8 @@ def write_run(out_dir: str | Path, records: Sequence[dict[str, Any]], metrics: d
         from kvpress.eval.report import plot_score_vs_bytes, plot_score_vs_ratio
 
         if any(e["compression_ratio"] is not None for e in metrics["entries"]):
-            for name, plot in (("score_vs_ratio.png", plot_score_vs_ratio), ("score_vs_bytes.png", plot_score_vs_bytes)):
+            plots_of = (("score_vs_ratio.png", plot_score_vs_ratio), ("score_vs_bytes.png", plot_score_vs_bytes))
+            for name, plot in plots_of:
                 plot(plot_rows(metrics)).savefig(out / name, dpi=110)
                 files.append(out / name)
         for e in metrics["entries"]:

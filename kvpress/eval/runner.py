@@ -80,7 +80,8 @@ def _plan(policies: Sequence[Any], fanout: bool) -> list[list[int]]:
     return plan + [[i] for i in range(len(policies)) if i not in grouped]
 
 
-def run_sample(model, tokenizer, sample, specs: Sequence[PolicyConfig], mode: str, fanout: bool = True) -> list[tuple[PolicyConfig, Any, Generation]]:
+def run_sample(model, tokenizer, sample, specs: Sequence[PolicyConfig], mode: str,
+               fanout: bool = True) -> list[tuple[PolicyConfig, Any, Generation]]:
     """Every configuration on one sample: ``(spec, policy, generation)`` in the order of ``specs``."""
     n_first = len(first_forward_ids(sample.prefix_ids, sample.suffix_ids, mode))
     policies = [_with_tokenizer(spec.build(n_first), tokenizer) for spec in specs]
