@@ -15,7 +15,7 @@ TRANSFORMERS_LOWEST := $(shell sed -n 's/.*"transformers>=\([0-9.]*\),.*/\1/p' p
 LOWEST       := .venv-lowest
 LOWEST_STAMP := $(LOWEST)/.kvpress-installed-$(TRANSFORMERS_LOWEST)
 
-.PHONY: setup setup-lowest demo test test-current test-lowest test-fast bench clean leaderboard
+.PHONY: setup setup-lowest demo test test-current test-lowest test-fast bench clean leaderboard leaderboard-report
 
 setup: $(STAMP)
 
@@ -60,19 +60,27 @@ test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
 
 # The leaderboard: every registry policy at ratios .25/.5/.75 and the quantization settings on SmolLM2
-# (benchmarks/leaderboard.toml), resumable (cells stored in $(LEADERBOARD_STORE)); then benchmarks/LEADERBOARD.md,
-# its plots and the README's headline table. A failed cell is listed in the report and fails the target.
+# (benchmarks/leaderboard.toml), resumable (cells stored in $(LEADERBOARD_STORE)); then the cell records are exported
+# as JSON lines next to the report ($(LEADERBOARD_RECORDS), committed: the provenance of every number) and
+# benchmarks/LEADERBOARD.md, its plots and the README's headline table are written from them. A failed cell is listed
+# in the report and fails the target. `make leaderboard-report` rebuilds the report from the committed records
+# alone, without running a model (byte for byte the committed LEADERBOARD.md).
 # One single-threaded Ray worker per core: a 13-cell needle sweep took 65 s this way (Ray's start included) against
 # 73 s in one 2-thread local process on the 2-core box; the whole leaderboard took 17 min 22 s (2026-12-05).
 LEADERBOARD_STORE ?= runs/leaderboard
+LEADERBOARD_RECORDS ?= benchmarks/leaderboard/records.jsonl
 LEADERBOARD_BACKEND ?= --backend ray --cpus-per-worker 1
 leaderboard: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/kvpress sweep run benchmarks/leaderboard.toml --out $(LEADERBOARD_STORE) $(LEADERBOARD_BACKEND); \
 	status=$$?; \
-	HF_HUB_OFFLINE=1 $(BIN)/kvpress sweep report $(LEADERBOARD_STORE) --spec benchmarks/leaderboard.toml \
+	HF_HUB_OFFLINE=1 $(BIN)/kvpress sweep export $(LEADERBOARD_STORE) --spec benchmarks/leaderboard.toml \
+		--out $(LEADERBOARD_RECORDS) \
+		&& $(MAKE) leaderboard-report && exit $$status
+
+leaderboard-report: $(STAMP)
+	$(BIN)/kvpress sweep report $(LEADERBOARD_RECORDS) \
 		--out benchmarks/leaderboard --markdown benchmarks/LEADERBOARD.md --readme README.md \
-		--title "kvpress leaderboard: SmolLM2-135M-Instruct" --intro benchmarks/leaderboard_intro.md \
-		&& exit $$status
+		--title "kvpress leaderboard: SmolLM2-135M-Instruct" --intro benchmarks/leaderboard_intro.md
 
 clean:
 	rm -rf $(VENV) $(LOWEST) build *.egg-info

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kvpress  # noqa: E402
 from kvpress import cache_kwargs  # noqa: E402
 from kvpress.kernels.dispatch import ENV_VAR  # noqa: E402
-from kvpress.sweep.expr import expand  # noqa: E402
+from kvpress.policies.expr import expand  # noqa: E402
 
 # label -> policy expression (labels are the expressions themselves, so each row parses back).
 CONFIGS = [

@@ -25,32 +25,35 @@ import torch
 
 from kvpress.duo.identify import IdentifyConfig, identify
 from kvpress.duo.pattern import DuoPattern, embedded_pattern, load_pattern
-from kvpress.eval import PolicySpec, evaluate, get_task
+from kvpress.eval import PolicyConfig, evaluate, get_task
 from kvpress.models import load_model
+from kvpress.policies.expr import Stage
 
 TASKS = ("niah_single_prose", "niah_multikey_prose", "vt")
 
 
-class QuantizedSpec(PolicySpec):
-    """A registry policy followed by ``| KVQuant(bits=...)`` (the ``kvquant_bits`` parameter)."""
+def _portable(path: Path) -> str:
+    """``path`` relative to the working directory when inside it (labels and JSON hold no machine's paths)."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
-    def build(self, n_tokens: int):
-        from kvpress.policies import get_policy
-        from kvpress.quant import KVQuant
 
-        params = dict(self.params)
-        bits = params.pop("kvquant_bits")
-        return get_policy(self.name, **params) | KVQuant(bits=bits)
+def duo(pattern: Path, s: float, common: tuple, bits: int | None = None) -> PolicyConfig:
+    """``duo_attention(pattern=..., sparsity=s, ...)``, followed by ``| kvquant(bits=...)`` when ``bits``."""
+    stages = [Stage("duo_attention", (("pattern", _portable(pattern)), ("sparsity", s), *common))]
+    if bits:
+        stages.append(Stage("kvquant", (("bits", bits),)))
+    return PolicyConfig(tuple(stages))
 
 
 def heat_map(patterns: dict[str, DuoPattern], path: Path) -> None:
-    import matplotlib
+    from kvpress.eval.report import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(patterns), figsize=(1.6 + 1.5 * len(patterns), 6.5), squeeze=False,
-                             sharey=True)
+    fig = figure(figsize=(1.6 + 1.5 * len(patterns), 6.5))
+    axes = fig.subplots(1, len(patterns), squeeze=False, sharey=True)
     for i, (ax, (name, pattern)) in enumerate(zip(axes[0], patterns.items())):
         image = ax.imshow(pattern.gates.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1,
                           interpolation="nearest")
@@ -61,7 +64,6 @@ def heat_map(patterns: dict[str, DuoPattern], path: Path) -> None:
             ax.set_ylabel("layer")
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="gate (1 = retrieval)")
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,24 +128,20 @@ def main(argv: list[str] | None = None) -> int:
     heat_map(heat, png)
 
     common = (("n_sink", args.n_sink), ("window", args.window))
-    configs: list[tuple[str, str, float | None, PolicySpec]] = [("none", "uncompressed", None, PolicySpec("none"))]
+    configs: list[tuple[str, str, float | None, PolicyConfig]] = [("none", "uncompressed", None, PolicyConfig())]
     for s in args.sparsities:
-        configs.append((f"duo trained s={s:g}", "trained", s, PolicySpec(
-            "duo_attention", (("pattern", str(trained_path)), ("sparsity", s), *common))))
+        configs.append((f"duo trained s={s:g}", "trained", s, duo(trained_path, s, common)))
         if args.kvquant_bits:
-            configs.append((f"duo trained s={s:g} | kvquant({args.kvquant_bits})", "trained", s, QuantizedSpec(
-                "duo_attention", (("pattern", str(trained_path)), ("sparsity", s), *common,
-                                  ("kvquant_bits", args.kvquant_bits)))))
+            configs.append((f"duo trained s={s:g} | kvquant({args.kvquant_bits})", "trained", s,
+                            duo(trained_path, s, common, args.kvquant_bits)))
     for s in args.compare_sparsities:
-        configs.append((f"duo needle s={s:g}", "needle", s, PolicySpec(
-            "duo_attention", (("pattern", str(needle_path)), ("sparsity", s), *common))))
+        configs.append((f"duo needle s={s:g}", "needle", s, duo(needle_path, s, common)))
         for label, random_path in random_paths.items():
-            configs.append((f"{label} s={s:g}", "random", s, PolicySpec(
-                "duo_attention", (("pattern", str(random_path)), ("sparsity", s), *common))))
+            configs.append((f"{label} s={s:g}", "random", s, duo(random_path, s, common)))
         # equal bytes: a streaming head holds n_sink + window of the ~length context tokens
         ratio = round(s * (1 - (args.n_sink + args.window) / (args.length - 50)), 4)
-        configs.append((f"streaming_llm = bytes of s={s:g}", "streaming", s, PolicySpec(
-            "streaming_llm", (("n_sink", args.n_sink),), ratio)))
+        configs.append((f"streaming_llm = bytes of s={s:g}", "streaming", s,
+                        PolicyConfig.of("streaming_llm", {"n_sink": args.n_sink}, ratio)))
     specs = [c[3] for c in configs]
 
     started = time.perf_counter()
@@ -153,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                           model_name=args.model, progress=True)
         per_task[task_name] = {name: entry for (name, *_), entry in zip(configs, result.metrics["entries"])}
 
-    from kvpress.eval.perplexity import evaluate_perplexity, load_text, tokenize_text
+    from kvpress.eval.perplexity import evaluate_perplexity
+    from kvpress.eval.text import load_text, tokenize_text
 
     text, _ = load_text(None)
     ppl_ids = tokenize_text(tokenizer, text, max_tokens=args.ppl_tokens)

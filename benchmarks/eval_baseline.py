@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from kvpress.eval import PolicySpec, available_tasks, evaluate, get_task
+from kvpress.eval import PolicyConfig, available_tasks, evaluate, get_task
 from kvpress.eval.results import read_records, write_run
 from kvpress.eval.runner import summarize
 from kvpress.models import load_model
@@ -54,12 +54,12 @@ def main(argv: list[str] | None = None) -> int:
             # re-aggregate the stored records, so summaries follow the current metric definitions
             records = read_records(run_dir)
             metrics = json.loads((run_dir / "metrics.json").read_text())
-            metrics["entries"] = summarize(records, [PolicySpec("none")])
+            metrics["entries"] = summarize(records, [PolicyConfig()])
             write_run(run_dir, records, metrics, json.loads((run_dir / "config.json").read_text()), plots=False)
         else:
             samples = args.samples if name in KEY_TASKS else args.other_samples
             metrics = evaluate(
-                model, tokenizer, get_task(name), [PolicySpec("none")], args.lengths, samples, mode=args.mode,
+                model, tokenizer, get_task(name), [PolicyConfig()], args.lengths, samples, mode=args.mode,
                 seed=args.seed, model_name=args.model, out_dir=run_dir,
                 config={"benchmark": "eval_baseline", **vars(args), "task": name},
             ).metrics

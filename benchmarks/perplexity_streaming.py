@@ -33,7 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kvpress.eval.perplexity import build_policy, evaluate_perplexity, load_text, tokenize_text, write_json  # noqa: E402
+from kvpress.eval.perplexity import MODE_OVERRIDES, evaluate_perplexity, write_json  # noqa: E402
+from kvpress.eval.text import load_text, tokenize_text  # noqa: E402
+from kvpress.policies.expr import PolicyConfig  # noqa: E402
 from kvpress.eval.perplexity_cli import print_results  # noqa: E402
 from kvpress.models import load_model  # noqa: E402
 
@@ -88,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             label, overrides, mode = STREAMING_RUNS[run]
             results[label] = evaluate_perplexity(
-                model, ids, policy=build_policy("streaming_llm", {**params, **overrides}, mode=mode),
+                model, ids,
+                policy=PolicyConfig.of("streaming_llm", {**params, **overrides}).build(None, MODE_OVERRIDES[mode]),
                 policy_name="streaming_llm", mode=mode, chunk_size=args.chunk_size, **common,
             )
         if args.out:  # keep what is done so far if a later run is interrupted

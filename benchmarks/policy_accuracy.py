@@ -2,7 +2,7 @@
 query-aware, with bytes held and the policy's prefill time as a ratio to the uncompressed prefill.
 
     python benchmarks/policy_accuracy.py --out benchmarks/results/policy_accuracy.json        # full (hours)
-    python benchmarks/policy_accuracy.py --quick --out /tmp/policy_accuracy_quick.json        # <= 15 min
+    python benchmarks/policy_accuracy.py --quick --out runs/policy_accuracy_quick.json        # <= 15 min
 
 The full grid takes hours on 2 cores, so ``--out`` is rewritten after every (mode, task) and a rerun with the
 same ``--out`` resumes: finished (mode, task) pairs are kept, not recomputed. To use both cores, run disjoint
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kvpress  # noqa: E402
-from kvpress.eval import PolicySpec, evaluate, get_task  # noqa: E402
+from kvpress.eval import PolicyConfig, evaluate, get_task  # noqa: E402
+from kvpress.eval.report import ci95  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from policy_overhead import POLICIES as OVERHEAD_POLICIES  # noqa: E402
@@ -49,7 +49,7 @@ POLICIES: dict[str, tuple[str, dict]] = {
     "adakv(snapkv)": ("adakv", {"scorer": "snapkv"}),
     "kvzip": ("kvzip", {}),
     "learned": ("learned", {}),  # the shipped MLP predictor of KVzip's scores
-    "learned(linear)": ("learned", {"kind": "linear"}),  # the shipped linear predictor
+    "learned(kind='linear')": ("learned", {"kind": "linear"}),  # the shipped linear predictor
 }
 # label -> (registry name, parameters): sized by their content, not a ratio; one row each, whose
 # compression_ratio is the achieved one (1 - bytes held / full bytes) and `threshold` is set
@@ -65,27 +65,25 @@ QUICK = dict(ratios=[0.5, 0.75], samples=2, modes=["query-agnostic"], overhead_r
 FULL = dict(ratios=RATIOS, samples=10, modes=["query-agnostic", "query-aware"], overhead_reps=3)
 
 
-def specs_for(labels: list[str], ratios: list[float]) -> list[PolicySpec]:
-    specs = [PolicySpec("none")]
+def _ci95_pct(scores: list[float]) -> float:
+    """95% interval half-width of the mean of scores in [0, 1], in points (nan for fewer than 2 scores)."""
+    half = ci95(scores)
+    return float("nan") if half is None else 100 * half
+
+
+def specs_for(labels: list[str], ratios: list[float]) -> list[PolicyConfig]:
+    specs = [PolicyConfig()]
     for label in labels:
         name, params = ALL[label]
         sized = label in THRESHOLDS
-        specs += [PolicySpec(name, tuple(sorted(params.items())), None if sized else r) for r in ratios[: 1 if sized else None]]
+        specs += [PolicyConfig.of(name, dict(sorted(params.items())), None if sized else r)
+                  for r in ratios[: 1 if sized else None]]
     return specs
 
 
-def label_of(spec: PolicySpec) -> str:
+def label_of(spec: PolicyConfig) -> str:
     return "none" if spec.is_baseline else next(
-        k for k, v in ALL.items() if v[0] == spec.name and tuple(sorted(v[1].items())) == spec.params)
-
-
-def _ci95(scores: list[float]) -> float:
-    n = len(scores)
-    if n < 2:
-        return float("nan")
-    mean = sum(scores) / n
-    var = sum((s - mean) ** 2 for s in scores) / (n - 1)
-    return 1.96 * math.sqrt(var / n) * 100
+        k for k, v in ALL.items() if v[0] == spec.name and dict(v[1]) == dict(spec.stages[0].params))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,7 +254,7 @@ def summarize(records: list[dict], modes: list[str], all_tasks: list[str]) -> st
             time_ratio = cells[tasks[0]].get("policy_time_ratio")
             out.append(
                 f"| {policy} | {shown} | " + " | ".join(f"{s:.0f}" for s in scores)
-                + f" | {mean:.1f} | {100 * mean / full_mean if full_mean else float('nan'):.0f}% | {_ci95(samples):.0f}"
+                + f" | {mean:.1f} | {100 * mean / full_mean if full_mean else float('nan'):.0f}% | {_ci95_pct(samples):.0f}"
                 + f" | {kv:.2f} | {'' if time_ratio is None else f'{time_ratio:.2f}x'} |"
             )
     return "\n".join(out)

@@ -34,7 +34,7 @@ POLICIES = {
     "pyramidkv(snapkv)": lambda: PyramidKV(SnapKV(), compression_ratio=0.5),
     "kvzip": lambda: KVzip(compression_ratio=0.5),
     "learned": lambda: Learned(compression_ratio=0.5),
-    "learned(linear)": lambda: Learned(kind="linear", compression_ratio=0.5),
+    "learned(kind='linear')": lambda: Learned(kind="linear", compression_ratio=0.5),
     "learned(threshold=-5)": lambda: Learned(threshold=-5.0),
     "learned(threshold=-7)": lambda: Learned(threshold=-7.0),
 }

@@ -12,12 +12,14 @@ plus GEAR low-rank / outlier variants and a K4V2 split. ``--rotation-ablation``:
 4-bit) configurations holding their full-precision parts in float16, lined up by effective bits (table sorted by
 the mean effective bits, plus a plot of perplexity against them next to the JSON).
 
-Method (see :mod:`kvpress.quant.accuracy`): perplexity on the standard library's ``pydoc_data.topics`` text,
-prefill then chunks of 16 tokens through the cache, scoring only tokens after the prefill; needle: a 5-digit
+Method (:func:`kvpress.eval.perplexity.evaluate_perplexity`, :mod:`kvpress.eval.cache_probes`): perplexity on the
+standard library's ``pydoc_data.topics`` text (:func:`kvpress.eval.text.default_text`), prefill then chunks of 16
+tokens through the cache (the last token fed too), scoring only tokens after the prefill; needle: a 5-digit
 number hidden at evenly spaced depths of a haystack, question asked in a second forward that reads the
 compressed haystack; accuracy = greedy answer starts with the number, logprob = mean log-probability per token of
-the number (teacher-forced). ``kv_bytes`` is what the cache holds at the end of the perplexity run (every
-tensor: codes, scales, zeros, full-precision sinks and residual, low-rank factors, outliers, positions);
+the number (teacher-forced). ``kv_bytes`` is what the cache holds at the end of the perplexity run
+(:func:`kvpress.eval.kv_bytes.cache_nbytes`: codes, scales, zeros, full-precision sinks and residual, low-rank
+factors, outliers, positions);
 ``effective_bits = 8 * kv_bytes / (tokens * layers * kv_heads * head_dim * 2)``; ``mean_effective_bits`` averages
 it over the states after each scored forward (a full-precision window fills and empties: the end state alone
 can flatter or penalise a cache depending on where the text ends in its flush cycle).
@@ -36,8 +38,10 @@ from typing import Any
 import torch
 
 import kvpress
+from kvpress.eval.cache_probes import needle_score
+from kvpress.eval.perplexity import PerplexityResult, evaluate_perplexity
+from kvpress.eval.text import default_text
 from kvpress.quant import KVQuant
-from kvpress.quant.accuracy import cache_perplexity, haystack_text, needle_score
 
 
 @dataclass
@@ -123,11 +127,20 @@ def quanto_available(model_config) -> str | None:
         return f"{type(err).__name__}: {err}"
 
 
+def cache_perplexity(model, ids: torch.Tensor, prefill: int, chunk: int, policy: Any = None,
+                     cache_factory: Any = None) -> PerplexityResult:
+    """Perplexity of the tokens after a ``prefill``, fed in chunks of ``chunk`` (the last token too), with the
+    effective bits at the end and averaged over the chunks."""
+    return evaluate_perplexity(model, ids, policy=policy, cache=cache_factory or "kvpress", mode="chunked",
+                               chunk_size=chunk, prefill=prefill, score_from=prefill, feed_last=True,
+                               measure_bits=True)
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = kvpress.load_model()
-    ids = tokenizer(haystack_text()[: args.tokens * 8], return_tensors="pt").input_ids[:, : args.tokens]
+    ids = tokenizer(default_text()[: args.tokens * 8], return_tensors="pt").input_ids[:, : args.tokens]
     quanto_problem = quanto_available(model.config)
     records = []
     chosen = rotation_ablation() if args.rotation_ablation else matched_bits() if args.matched_bits else configs()
@@ -167,9 +180,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         rec.update(
             effective_bits=round(ppl.effective_bits, 3),
             mean_effective_bits=round(ppl.mean_effective_bits, 3),
-            kv_bytes=ppl.kv_bytes,
+            kv_bytes=ppl.final_kv_bytes,
             perplexity=round(ppl.perplexity, 4),
-            nll=round(ppl.nll, 5),
+            nll=round(ppl.mean_nll, 5),
             needle_score=None if needle is None else needle.accuracy,
             needle_logprob=None if needle is None else round(needle.logprob, 4),
             needle_answers=None if needle is None else needle.answers,
@@ -244,12 +257,13 @@ def _family(name: str) -> str:
 
 def plot_matched(records: list[dict], path: str) -> str | None:
     """Perplexity (log) against mean effective bits, one series per family; None if matplotlib is missing."""
-    try:  # no pyplot: a bare Figure renders with the Agg canvas
-        from matplotlib.figure import Figure
+    from kvpress.eval.report import figure
+
+    try:
+        fig = figure(figsize=(7.5, 4.8))
     except ImportError:
         return None
     ok = [r for r in records if "error" not in r]
-    fig = Figure(figsize=(7.5, 4.8))
     ax = fig.add_subplot()
     families: dict[str, list[dict]] = {}
     for r in ok:

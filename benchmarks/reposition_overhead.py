@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kvpress  # noqa: E402
 from kvpress.compat import cache_kwargs  # noqa: E402
-from kvpress.eval.perplexity import load_text, tokenize_text  # noqa: E402
+from kvpress.eval.text import load_text, tokenize_text  # noqa: E402
 from kvpress.policies import StreamingLLM  # noqa: E402
 
 

@@ -33,7 +33,7 @@ from kvpress.compat import (
 )
 from kvpress.context import ForwardContext, LayerContext
 from kvpress.policies.base import Policy
-from kvpress.policies.pipeline import Pipeline, is_storage_spec
+from kvpress.policies.interface import Pipeline, is_storage_spec
 from kvpress.reposition import reposition, rope_inv_freqs
 from kvpress.storage import LazyAttentionView
 from kvpress.storage.dense import DenseSpec

@@ -29,7 +29,7 @@ from kvpress.policies.learned import Learned
 from kvpress.quant import KVQuant
 from kvpress.scorer.predictor import ScorePredictor, load_predictor, model_signature
 from kvpress.scorer.train import TrainConfig
-from kvpress.sweep.expr import SpecError
+from kvpress.sweep.spec import SpecError
 from kvpress.sweep.spec import load_spec
 from tiny_models import tiny_model
 

@@ -332,7 +332,7 @@ def test_needle_scores_rank_a_planted_retrieval_head_first(planted):
 @pytest.mark.slow
 def test_shipped_smollm2_pattern_holds_at_most_055_of_the_bytes_at_sparsity_half(smollm2):
     from kvpress.duo.pattern import embedded_pattern
-    from kvpress.eval.perplexity import load_text, tokenize_text
+    from kvpress.eval.text import load_text, tokenize_text
 
     model, tokenizer = smollm2
     pattern = load_pattern(embedded_pattern(model))

@@ -13,18 +13,22 @@ from eval_fixtures import byte_tokenizer, tiny_llama
 from kvpress.compat import cache_kwargs
 from kvpress.eval.perplexity import (
     _piece_sizes,
-    build_policy,
-    cache_nbytes,
-    default_text,
+    MODE_OVERRIDES,
     evaluate_perplexity,
     full_forward_perplexity,
     open_cache,
     score_through_cache,
-    tokenize_text,
     write_json,
 )
+from kvpress.eval.kv_bytes import cache_nbytes
+from kvpress.eval.text import default_text, tokenize_text
+from kvpress.policies.expr import PolicyConfig
 
 N_TOKENS = 240
+
+
+def _policy(name, params=None, mode="token"):
+    return PolicyConfig.of(name, params).build(None, MODE_OVERRIDES[mode])
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +74,7 @@ def test_no_policy_equals_full_forward(model, ids, mode, kwargs, cache):
 def test_streaming_token_mode_equals_sink_window_attention(model, ids):
     """Token by token, token i attends to the sinks and the last `window` tokens before it (plus itself)."""
     n_sink, window = 4, 32
-    policy = build_policy("streaming_llm", {"n_sink": n_sink, "window": window})
+    policy = _policy("streaming_llm", {"n_sink": n_sink, "window": window})
     result = evaluate_perplexity(model, ids, policy=policy, mode="token")
     i = torch.arange(N_TOKENS)[:, None]
     j = torch.arange(N_TOKENS)[None, :]
@@ -82,7 +86,7 @@ def test_streaming_token_mode_equals_sink_window_attention(model, ids):
 def test_streaming_chunked_mode_equals_its_attention_pattern(model, ids):
     """In chunks of C, a chunk attends to what the cache kept before it (sinks + last `window`) and to itself."""
     n_sink, window, chunk = 4, 32, 48
-    policy = build_policy("streaming_llm", {"n_sink": n_sink, "window": window}, mode="chunked")
+    policy = _policy("streaming_llm", {"n_sink": n_sink, "window": window}, mode="chunked")
     result = evaluate_perplexity(model, ids, policy=policy, mode="chunked", chunk_size=chunk)
     assert result.chunk_size == chunk
     i = torch.arange(N_TOKENS)[:, None]
@@ -94,7 +98,7 @@ def test_streaming_chunked_mode_equals_its_attention_pattern(model, ids):
 
 def test_streaming_cache_is_bounded(model, ids):
     n_sink, window = 4, 16
-    policy = build_policy("streaming_llm", {"n_sink": n_sink, "window": window})
+    policy = _policy("streaming_llm", {"n_sink": n_sink, "window": window})
     sizes = []
     with open_cache(model, policy) as cache, torch.inference_mode():
         for t in range(100):
@@ -112,7 +116,7 @@ def test_streaming_cache_is_bounded(model, ids):
 
 
 def test_chunked_score_policy_compresses_every_chunk(model, ids):
-    policy = build_policy("snapkv", {"budget": 24, "window": 4}, mode="chunked")
+    policy = _policy("snapkv", {"budget": 24, "window": 4}, mode="chunked")
     assert policy.every_chunk
     result = evaluate_perplexity(model, ids, policy=policy, mode="chunked", chunk_size=40)
     assert result.final_kv_bytes <= 24 * (kv_bytes_per_token(model) + position_bytes_per_token(model))
@@ -120,13 +124,14 @@ def test_chunked_score_policy_compresses_every_chunk(model, ids):
     assert result.peak_kv_bytes < 100 * kv_bytes_per_token(model)
     assert result.policy_params.get("every_chunk") is True
     # token mode keeps the prefill-only default: only the first forward is compressed
-    assert not build_policy("snapkv", {"budget": 24}).every_chunk
+    assert not _policy("snapkv", {"budget": 24}).every_chunk
 
 
 def test_piece_sizes():
     assert list(_piece_sizes(10, "token", 4, 0)) == [1] * 10
     assert list(_piece_sizes(10, "token", 4, 3)) == [3] + [1] * 7
-    assert list(_piece_sizes(10, "chunked", 4, 3)) == [4, 4, 2]
+    assert list(_piece_sizes(10, "chunked", 4, 3)) == [3, 4, 3]  # a prefill piece, then chunks
+    assert list(_piece_sizes(10, "chunked", 4, 0)) == [4, 4, 2]
     assert list(_piece_sizes(3, "chunked", 8, 0)) == [3]
 
 
@@ -147,7 +152,7 @@ def test_score_through_cache_validates(model, ids):
         with pytest.raises(ValueError):
             score_through_cache(model, ids[0], cache)
     with pytest.raises(ValueError):
-        with open_cache(model, build_policy("streaming_llm"), cache="dynamic"):
+        with open_cache(model, _policy("streaming_llm"), cache="dynamic"):
             pass
 
 
@@ -181,3 +186,20 @@ def test_cli_end_to_end(model, tmp_path, capsys):
     assert data["streaming_llm"]["peak_kv_bytes"] < data["full"]["peak_kv_bytes"]
     assert data["full"]["cache"] == "DynamicCache" and data["streaming_llm"]["cache"] == "KVPressCache"
     assert "perplexity" in capsys.readouterr().out
+
+
+def test_score_from_and_feed_last(model, ids):
+    """Scoring only the tokens after a prefill equals the full run's per-token NLL over those tokens; feed_last
+    leaves the cache holding every token."""
+    with open_cache(model, None) as kv:
+        full = score_through_cache(model, ids, kv, mode="chunked", chunk_size=16, prefill=40, segment_tokens=1)
+    per_token = [s["perplexity"] for s in full["segments"]]  # one segment per token
+    with open_cache(model, None) as kv:
+        part = score_through_cache(model, ids, kv, mode="chunked", chunk_size=16, prefill=40, score_from=40,
+                                   feed_last=True)
+        assert kv.get_seq_length() == ids.shape[1]
+    assert part["tokens_scored"] == ids.shape[1] - 40
+    expected = sum(math.log(p) for p in per_token[39:])
+    assert part["nll_sum"] == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="score_from"):
+        score_through_cache(model, ids, None, score_from=0)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from kvpress.eval.perplexity import build_policy, evaluate_perplexity, load_text, tokenize_text
+from kvpress.eval.perplexity import evaluate_perplexity
+from kvpress.eval.text import load_text, tokenize_text
+from kvpress.policies.expr import PolicyConfig
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +24,7 @@ def smollm2():
 def test_streaming_llm_perplexity_bounded_beside_full_cache(smollm2):
     model, tokenizer = smollm2
     ids = tokenize_text(tokenizer, load_text()[0], N_TOKENS)
-    policy = build_policy("streaming_llm", {"n_sink": N_SINK, "window": WINDOW})
+    policy = PolicyConfig.of("streaming_llm", {"n_sink": N_SINK, "window": WINDOW}).build()
     streaming = evaluate_perplexity(model, ids, policy=policy, mode="token", kv_check_every=1,
                                     model_name="smollm2-135m")
     full = evaluate_perplexity(model, ids, mode="chunked", chunk_size=100, cache="dynamic",

@@ -8,7 +8,7 @@ import pytest
 
 from eval_fixtures import byte_tokenizer, tiny_llama
 from kvpress.cli import main as kvpress_main
-from kvpress.eval import PolicySpec, available_tasks, evaluate, get_task, sweep
+from kvpress.eval import PolicyConfig, available_tasks, configurations, evaluate, get_task
 from kvpress.eval.generation import ScoreRecorder, run_direct, run_fanout, supports_fanout
 from kvpress.eval.runner import _plan, run_sample
 from kvpress.policies import SnapKV, StreamingLLM
@@ -36,17 +36,19 @@ def _task(name, max_new_tokens=3):
 
 @pytest.mark.parametrize("name", available_tasks())
 def test_every_task_end_to_end(model, tok, name):
-    specs = sweep(["snapkv", "streaming_llm"], [0.5])
+    specs = configurations(["snapkv", "streaming_llm"], [0.5])
     result = evaluate(model, tok, _task(name), specs, [LENGTH], 1, progress=False, model_name="tiny")
-    assert [r["label"] for r in result.records] == ["none", "snapkv(r=0.5)", "streaming_llm(r=0.5)"]
+    assert [r["label"] for r in result.records] == [
+        "none", "snapkv(compression_ratio=0.5)", "streaming_llm(compression_ratio=0.5)"]
     none, snap, stream = result.records
     assert none["kv_bytes"] == none["context_tokens"] * BYTES_PER_TOKEN  # query-agnostic: context only
     for r in (snap, stream):
         assert 0.45 < r["kv_bytes"] / none["kv_bytes"] < 0.56, r
         assert 0.0 <= r["score"] <= 1.0 and r["gold"] == none["gold"] and r["task"] == name
-    assert stream["parameters"]["window"] == round(none["context_tokens"] * 0.5) - 4
+    assert stream["parameters"]["window"] == round(none["context_tokens"] * 0.5) - 4  # sized at the first forward
     entries = {e["label"]: e for e in result.metrics["entries"]}
-    assert entries["snapkv(r=0.5)"]["kv_fraction"] == pytest.approx(snap["kv_bytes"] / none["kv_bytes"], abs=1e-4)
+    assert entries["snapkv(compression_ratio=0.5)"]["kv_fraction"] == pytest.approx(
+        snap["kv_bytes"] / none["kv_bytes"], abs=1e-4)
     assert entries["none"]["per_length"] == {str(LENGTH): 100.0 * none["score"]}
 
 
@@ -59,7 +61,7 @@ def test_every_task_end_to_end(model, tok, name):
 ], ids=["snapkv", "adakv", "pyramidkv", "kvzip"])
 def test_fanout_equals_direct_runs(model, tok, mode, policy, params):
     sample = _task("niah_multikey_prose", 6).make_sample(tok, LENGTH, index=1)
-    specs = sweep([policy], [0.25, 0.5, 0.9], params)
+    specs = configurations([policy], [0.25, 0.5, 0.9], params)
     fanned = run_sample(model, tok, sample, specs, mode, fanout=True)
     direct = run_sample(model, tok, sample, specs, mode, fanout=False)
     for (spec, _, f), (_, _, d) in zip(fanned, direct):
@@ -96,7 +98,7 @@ def test_fanout_eligibility_and_plan():
 
 def test_query_aware_compresses_the_question_too(model, tok):
     task = _task("niah_single_noise")
-    specs = sweep(["snapkv"], [0.5])
+    specs = configurations(["snapkv"], [0.5])
     agnostic = evaluate(model, tok, task, specs, [800], 1, progress=False).records
     aware = evaluate(model, tok, task, specs, [800], 1, mode="query-aware", progress=False).records
     sample = task.make_sample(tok, 800)
@@ -116,13 +118,14 @@ def _png_size(path):
 
 
 def test_grid_run_writes_results_and_plots(model, tok, tmp_path):
-    specs = sweep(["snapkv"], [0.5])
+    specs = configurations(["snapkv"], [0.5])
     result = evaluate(model, tok, _task("niah_single_noise"), specs, [650, 800], 1, depths=[0.0, 0.5, 1.0],
                       progress=False, model_name="tiny", out_dir=tmp_path, config={"note": "test"})
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == sorted([
         "samples.jsonl", "metrics.json", "summary.csv", "summary.md", "config.json", "score_vs_ratio.png",
-        "heatmap_none.png", "heatmap_snapkv_r_0.5.png",
+        "score_vs_bytes.png",
+        "heatmap_none.png", "heatmap_snapkv_compression_ratio_0.5.png",
     ])
     lines = (tmp_path / "samples.jsonl").read_text().splitlines()
     assert len(lines) == 3 * 2 * 2 == len(result.records)
@@ -142,7 +145,7 @@ def test_grid_run_writes_results_and_plots(model, tok, tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["note"] == "test"
     csv_rows = (tmp_path / "summary.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + 2 * 3  # header + (2 lengths + all) per configuration
-    assert "| snapkv(r=0.5) |" in (tmp_path / "summary.md").read_text()
+    assert "| snapkv(compression_ratio=0.5) |" in (tmp_path / "summary.md").read_text()
     assert "## Needle grid: none" in (tmp_path / "summary.md").read_text()
     width, height = _png_size(tmp_path / "heatmap_none.png")
     assert width > 200 and height > 150
@@ -150,23 +153,28 @@ def test_grid_run_writes_results_and_plots(model, tok, tmp_path):
 
 def test_bad_configurations(model, tok):
     with pytest.raises(ValueError, match="depths do not apply"):
-        evaluate(model, tok, _task("vt"), sweep([], None), [800], 1, depths=[0.5], progress=False)
+        evaluate(model, tok, _task("vt"), configurations([], None), [800], 1, depths=[0.5], progress=False)
     with pytest.raises(ValueError, match="duplicate"):
-        evaluate(model, tok, _task("vt"), [PolicySpec("none"), PolicySpec("none")], [800], 1, progress=False)
+        evaluate(model, tok, _task("vt"), [PolicyConfig(), PolicyConfig()], [800], 1, progress=False)
     with pytest.raises(ValueError, match="unknown policy"):
-        PolicySpec("nonsense", (), 0.5).build(100)
+        PolicyConfig.of("nonsense", None, 0.5)
 
 
 def test_policy_specs():
-    specs = sweep(["snapkv", "none", "streaming_llm"], [0.25, 0.5], {"window": 16})
+    specs = configurations(["snapkv", "none", "streaming_llm"], [0.25, 0.5], {"window": 16})
+    # a fixed window sizes StreamingLLM: the ratios do not reach it, it runs once
     assert [s.label for s in specs] == [
-        "none", "snapkv(r=0.25, window=16)", "snapkv(r=0.5, window=16)",
-        "streaming_llm(r=0.25, window=16)", "streaming_llm(r=0.5, window=16)",
+        "none", "snapkv(compression_ratio=0.25, window=16)", "snapkv(compression_ratio=0.5, window=16)",
+        "streaming_llm(window=16)",
     ]
     assert specs[1].build(100).compression_ratio == 0.25 and specs[0].build(100) is None
-    stream = PolicySpec("streaming_llm", (("n_sink", 2),), 0.75).build(400)
+    stream = PolicyConfig.of("streaming_llm", {"n_sink": 2}, 0.75).build(400)
     assert (stream.n_sink, stream.window) == (2, 98)
-    assert [s.label for s in sweep(["none"], [0.5], baseline=False)] == ["none"]
+    assert configurations(["streaming_llm(n_sink=2) | kvquant(bits=4)"], [0.5])[1].label == \
+        "streaming_llm(compression_ratio=0.5, n_sink=2) | kvquant(bits=4)"
+    with pytest.raises(ValueError, match=r"compression_ratio\[0\] must be in \[0, 1\)"):
+        configurations(["snapkv"], [1.5])
+    assert [s.label for s in configurations(["none"], [0.5], baseline=False)] == ["none"]
 
 
 def test_cli_list(capsys):
@@ -187,14 +195,14 @@ def test_cli_grid_end_to_end(model, tok, tmp_path, capsys):
     ])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "snapkv(r=0.5, window=8)" in printed and str(out) in printed
+    assert "snapkv(compression_ratio=0.5, window=8)" in printed and str(out) in printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["task"] == "niah_single_noise" and metrics["samples"] == 1
-    assert [e["label"] for e in metrics["entries"]] == ["none", "snapkv(r=0.5, window=8)"]
+    assert [e["label"] for e in metrics["entries"]] == ["none", "snapkv(compression_ratio=0.5, window=8)"]
     assert set(metrics["entries"][0]["grid"]) == {"0", "1"}
     config = json.loads((out / "config.json").read_text())
     assert config["grid"] and config["params"] == {"window": 8} and config["depths"] == [0.0, 1.0]
-    assert (out / "heatmap_snapkv_r_0.5_window_8.png").is_file()
+    assert (out / "heatmap_snapkv_compression_ratio_0.5_window_8.png").is_file()
     capsys.readouterr()
     assert kvpress_main(["eval"]) == 2
     assert capsys.readouterr().err.strip() == "kvpress eval: error: give a task (see kvpress eval --list)"
@@ -206,12 +214,26 @@ def test_cli_grid_end_to_end(model, tok, tmp_path, capsys):
 
 
 def test_cli_runs_a_policy_without_ratio_once(monkeypatch, capsys):
-    from kvpress.eval.cli import checked_specs
+    from kvpress.eval.cli import checked_configurations
     from kvpress.policies import registry
 
     monkeypatch.setitem(registry._REGISTRY, "sinks_only", lambda n_sink=4: StreamingLLM(n_sink=n_sink, window=1))
-    specs = checked_specs(sweep(["snapkv", "sinks_only"], [0.25, 0.5]), 1000)
-    assert [s.label for s in specs] == ["none", "snapkv(r=0.25)", "snapkv(r=0.5)", "sinks_only"]
-    assert capsys.readouterr().out.count("sinks_only takes no compression ratio") == 1
+    cfg = {"policies": ["snapkv", "sinks_only", "kvquant(bits=4)"], "compression_ratios": [0.25, 0.5], "params": {},
+           "baseline": True, "lengths": [1000]}
+    labels = [s.label for s in checked_configurations(cfg)]
+    assert labels == ["none", "snapkv(compression_ratio=0.25)", "snapkv(compression_ratio=0.5)", "sinks_only",
+                      "kvquant(bits=4)"]
+    assert capsys.readouterr().out.count("takes no compression ratio") == 2  # sinks_only, kvquant(bits=4)
     with pytest.raises(ValueError, match="unknown policy"):
-        checked_specs(sweep(["nonsense"], [0.5]), 1000)
+        checked_configurations({**cfg, "policies": ["nonsense"]})
+
+
+@pytest.mark.parametrize("value", ["1.5", "nan", "-0.1", "1", "half"])
+def test_cli_rejects_a_ratio_outside_0_1(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        kvpress_main(["eval", "vt", "--compression-ratio", "0.5", value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--compression-ratio" in err and "compression_ratio must be" in err and "[0, 1)" in err
+
+

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from kvpress.cli import main as kvpress_main
-from kvpress.eval import available_tasks, evaluate, get_task, sweep
+from kvpress.eval import available_tasks, configurations, evaluate, get_task
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("smollm2")]
 
@@ -24,7 +24,7 @@ def test_tasks_size_prompts_in_smollm2_tokens(smollm2):
 
 def test_single_needle_uncompressed_and_snapkv_fanout(smollm2):
     model, tok = smollm2
-    result = evaluate(model, tok, get_task("niah_single_noise"), sweep(["snapkv"], [0.5]), [1024], 2,
+    result = evaluate(model, tok, get_task("niah_single_noise"), configurations(["snapkv"], [0.5]), [1024], 2,
                       progress=False, model_name="smollm2-135m")
     base, snap = result.metrics["entries"]
     assert base["score"] == 100.0 and base["empty_answers"] == 0
@@ -40,7 +40,7 @@ def test_every_task_runs_uncompressed(smollm2):
     for name in available_tasks():
         task = get_task(name)
         task.max_new_tokens = min(task.max_new_tokens, 24)
-        result = evaluate(model, tok, task, sweep([], None), [512], 1, progress=False)
+        result = evaluate(model, tok, task, configurations([], None), [512], 1, progress=False)
         (record,) = result.records
         assert record["prompt_tokens"] + task.max_new_tokens <= 512 and record["kv_bytes"] > 0
         assert 0.0 <= record["score"] <= 1.0
@@ -59,4 +59,4 @@ def test_cli_needle_grid(smollm2, tmp_path):
     assert set(grid) == {"0", "1"} and grid["0"] == {"512": 100.0}  # (depth 1 of this sample: "898123.", a miss)
     assert grid["1"]["512"] in (0.0, 100.0)
     assert (out / "heatmap_none.png").stat().st_size > 5000
-    assert (out / "heatmap_snapkv_r_0.5.png").is_file() and (out / "score_vs_ratio.png").is_file()
+    assert (out / "heatmap_snapkv_compression_ratio_0.5.png").is_file() and (out / "score_vs_ratio.png").is_file()

@@ -63,7 +63,7 @@ FAST_PATH_CONFIGS = [
 def test_generation_through_cpu_fast_paths_equals_torch_and_materialised(smollm2, monkeypatch, expression):
     from kvpress.eval.perplexity import default_text
     from kvpress.kernels import cpu_decode
-    from kvpress.sweep.expr import expand
+    from kvpress.policies.expr import expand
 
     if cpu_decode.load_error() is not None:
         pytest.skip(cpu_decode.load_error())

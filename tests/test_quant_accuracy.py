@@ -1,4 +1,5 @@
-"""kvpress.quant.accuracy on a tiny model: perplexity through the cache and its effective bits (end and mean)."""
+"""The quantization benchmark's probes on a tiny model: perplexity through the cache after a prefill
+(kvpress.eval.perplexity, ``score_from`` / ``feed_last`` / ``measure_bits``) and its effective bits (end and mean)."""
 
 import pytest
 import torch
@@ -6,8 +7,13 @@ from tiny_models import tiny_model
 
 import kvpress
 from kvpress.compat import cache_kwargs
+from kvpress.eval.perplexity import evaluate_perplexity
 from kvpress.quant import KVQuant
-from kvpress.quant.accuracy import cache_perplexity
+
+
+def cache_perplexity(model, ids, prefill, chunk, policy=None):
+    return evaluate_perplexity(model, ids, policy=policy, mode="chunked", chunk_size=chunk, prefill=prefill,
+                               score_from=prefill, feed_last=True, measure_bits=True)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +40,23 @@ def test_dense_cache_is_32_bits(model_and_ids):
     model, ids = model_and_ids
     res = cache_perplexity(model, ids, 20, 8)
     assert res.effective_bits == pytest.approx(32.0) and res.mean_effective_bits == pytest.approx(32.0)
-    assert res.n_scored == 40 and res.perplexity > 1
+    assert res.tokens_scored == 40 and res.perplexity > 1
+
+
+def test_scores_what_follows_the_prefill_like_a_hand_loop(model_and_ids):
+    """The tokens after the prefill, each from the logits of the forward that fed the token before it."""
+    model, ids = model_and_ids
+    nll = 0.0
+    with torch.no_grad(), kvpress.patch(model, None) as session:
+        cache = session.new_cache()
+        last = model(ids[:, :20], **cache_kwargs(model, cache), use_cache=True).logits[:, -1:]
+        for start in range(20, 60, 8):
+            out = model(ids[:, start : start + 8], **cache_kwargs(model, cache), use_cache=True).logits
+            pred = torch.cat([last, out[:, :-1]], dim=1)[0].double()
+            nll += float(torch.nn.functional.cross_entropy(pred, ids[0, start : start + 8], reduction="sum"))
+            last = out[:, -1:]
+    res = cache_perplexity(model, ids, 20, 8)
+    assert res.mean_nll == pytest.approx(nll / 40, rel=1e-6) and res.final_kv_bytes == cache.nbytes()
 
 
 def test_mean_effective_bits_average_the_scored_steps(model_and_ids):
@@ -47,7 +69,7 @@ def test_mean_effective_bits_average_the_scored_steps(model_and_ids):
     assert res.effective_bits == pytest.approx(steps[-1])
     assert res.mean_effective_bits == pytest.approx(sum(steps) / len(steps))
     dense = cache_perplexity(model, ids, 20, 4)
-    assert res.kv_bytes < dense.kv_bytes / 2
+    assert res.final_kv_bytes < dense.final_kv_bytes / 2
 
 
 def _benchmark_module():

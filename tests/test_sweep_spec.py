@@ -10,7 +10,7 @@ from kvpress.policies.registry import _REGISTRY
 from kvpress.quant import KVQuant
 from kvpress.sweep import PolicyConfig, SpecError, SweepSpec, expand, plan
 from kvpress.sweep.cells import config_key
-from kvpress.sweep.expr import Dtype, factory_parameters
+from kvpress.policies.expr import Dtype, factory_parameters
 
 from sweep_fixtures import save_tiny_model
 
@@ -32,10 +32,10 @@ def test_expressions_expand_grids_and_pipelines():
         "kvquant(bits=4, rotate=True)", "kvquant(bits=4, rotate=False)"]
     # the sweep's ratio reaches the stage that takes one; the quantizer takes none
     assert labels("snapkv(window=16) | kvquant(bits=2)", [0.5]) == ["snapkv(compression_ratio=0.5, window=16) | kvquant(bits=2)"]
-    # an explicit ratio or a fixed window is left alone; StreamingLLM without a window takes the ratio (adapter)
+    # an explicit ratio or a fixed window is left alone; StreamingLLM without a window takes the ratio
     assert labels("snapkv(compression_ratio=0.9)", [0.25, 0.5]) == ["snapkv(compression_ratio=0.9)"]
     assert labels("streaming_llm(window=64)", [0.5]) == ["streaming_llm(window=64)"]
-    assert labels("streaming_llm", [0.5]) == ["streaming_llm(ratio=0.5)"]
+    assert labels("streaming_llm", [0.5]) == ["streaming_llm(compression_ratio=0.5)"]
     assert labels("none", [0.5]) == ["none"]
     # positionals bind in signature order
     assert labels("snapkv(0.5, None, 8)") == ["snapkv(compression_ratio=0.5, budget=None, window=8)"]
@@ -56,26 +56,34 @@ def test_built_policies_match_the_python_they_are_written_as():
 
 def test_new_policies_are_discovered_from_the_registry():
     """A policy registered later is usable at once: its parameters come from the factory's signature; a factory
-    that takes only a budget gets the ratio as budget = n * (1 - r); '*' picks it up."""
+    that takes a compression_ratio gets the shared ratio, one that takes only a budget runs once; '*' picks it up."""
 
     class Keep(SnapKV):
         pass
 
-    def budget_only(budget: int, window: int = 4):
+    def budget_only(budget: int = 8, window: int = 4):
         return Keep(budget=budget, window=window)
 
+    def ratio_too(compression_ratio: float | None = None, window: int = 4) -> Keep:
+        return Keep(compression_ratio=compression_ratio, window=window)
+
     register_policy("budget_only_test", budget_only)
+    register_policy("ratio_test", ratio_too)
     try:
         assert set(factory_parameters("budget_only_test")[0]) == {"budget", "window"}
         (cfg,) = expand("budget_only_test(window=2)", [0.75])
-        assert cfg.stages[0].ratio_via == "budget" and cfg.build(400).budget == 100
+        assert cfg.stages[0].ratio_via is None and cfg.label == "budget_only_test(window=2)"
+        assert cfg.build(400).budget == 8
+        (cfg,) = expand("ratio_test(window=2)", [0.75])
+        assert cfg.label == "ratio_test(compression_ratio=0.75, window=2)" and cfg.build().compression_ratio == 0.75
         with pytest.raises(SpecError, match="has no parameter 'ratio'.*budget, window"):
             expand("budget_only_test(ratio=0.5)")
         s = spec(policies=["*"], ratios=[0.5])
         names = {c.name for c in s.policy_configs()}
-        assert {"none", "snapkv", "streaming_llm", "kvquant", "budget_only_test"} <= names
+        assert {"none", "snapkv", "streaming_llm", "kvquant", "budget_only_test", "ratio_test"} <= names
     finally:
         _REGISTRY.pop("budget_only_test")
+        _REGISTRY.pop("ratio_test")
 
 
 def test_star_leaves_out_policies_that_need_arguments_with_a_note():
@@ -192,7 +200,7 @@ def test_report_helpers(tmp_path):
     assert pareto_front(points) == [(0.2, 20.0), (0.5, 85.0), (1.0, 90.0)]
     assert pareto_front([(1.0, 10.0), (0.5, 12.0), (0.3, 11.0)], higher_is_better=False) == [(0.3, 11.0), (1.0, 10.0)]
     assert family("snapkv(compression_ratio=0.5, window=8) | kvquant(bits=4)") == "snapkv(window=8) | kvquant(bits=4)"
-    assert family("streaming_llm(ratio=0.25)") == "streaming_llm" and family("none") == "none"
+    assert family("streaming_llm(compression_ratio=0.25)") == "streaming_llm" and family("none") == "none"
     readme = tmp_path / "README.md"
     readme.write_text(f"a\n{README_START}\nold\n{README_END}\nb\n")
     update_readme(readme, "| new |", source="x.md")

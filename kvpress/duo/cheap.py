@@ -13,13 +13,12 @@ from typing import Any
 
 import torch
 
+from kvpress.duo.mixing import MixState, final_hidden, identification_attention
 from kvpress.duo.pattern import _model_shape
 
 
 def needle_scores(model: Any, data: list, progress: bool = False) -> torch.Tensor:
     """``[layers, kv_heads]`` gates in [0, 1] from :class:`~kvpress.duo.identify.Example` prompts."""
-    from kvpress.duo.identify import MixState, _final_hidden, identification_attention
-
     layers, kv_heads = _model_shape(model)
     total = torch.zeros(layers, kv_heads)
     iterator = data
@@ -30,7 +29,7 @@ def needle_scores(model: Any, data: list, progress: bool = False) -> torch.Tenso
     for example in iterator:
         state = MixState(0, 1, rows=example.span, columns=example.needle)
         with torch.no_grad(), identification_attention(model, state):
-            _final_hidden(model, example.ids)
+            final_hidden(model, example.ids)
         for layer, mass in state.record.items():
             total[layer] += mass.float().cpu()
     total /= max(1, len(data))

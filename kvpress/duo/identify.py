@@ -21,21 +21,18 @@ identifier of :mod:`kvpress.duo.cheap` instead.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 
+from kvpress.duo.cheap import needle_scores
+from kvpress.duo.mixing import MixState, final_hidden, identification_attention
 from kvpress.duo.pattern import DuoPattern, _model_shape
 from kvpress.scorer.predictor import model_signature
 
 SEED_OFFSET = 20_000  # evaluation samples use seed 0 (the learned scorer 10_000+): identification never shares one
 DATA_TASKS = ("niah_single_prose", "niah_multikey_prose")
-_IMPL = "kvpress_duo_identify"
 TRAINED_PROMPTS = 160  # default prompt counts per method (IdentifyConfig.prompts=None)
 NEEDLE_PROMPTS = 16
 
@@ -73,103 +70,6 @@ class IdentifyConfig:
 
 
 # ------------------------------------------------------------------------------------------------ attention
-class MixState:
-    """What the identification attention does at each layer.
-
-    ``alpha()`` gives ``[layers, kv_heads]`` gates (mode ``"mix"``); ``record`` (mode ``"needle"``) collects, per
-    layer, the attention mass ``[kv_heads]`` that the query rows ``rows`` put on the key columns ``columns``.
-    """
-
-    def __init__(self, n_sink: int, window: int, alpha: Callable[[], torch.Tensor] | None = None,
-                 rows: slice | None = None, columns: torch.Tensor | None = None):
-        self.n_sink, self.window = n_sink, window
-        self.alpha = alpha
-        self.rows, self.columns = rows, columns
-        self.record: dict[int, torch.Tensor] = {}
-        self._masks: dict[tuple[int, int, torch.device], torch.Tensor] = {}
-
-    def streaming_mask(self, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
-        """``[q_len, kv_len]`` bool: causal, and within the first ``n_sink`` keys or the last ``window`` ones."""
-        key = (q_len, kv_len, device)
-        if key not in self._masks:
-            q_pos = torch.arange(kv_len - q_len, kv_len, device=device).unsqueeze(1)
-            k_pos = torch.arange(kv_len, device=device).unsqueeze(0)
-            self._masks[key] = (k_pos <= q_pos) & ((k_pos < self.n_sink) | (q_pos - k_pos < self.window))
-        return self._masks[key]
-
-
-_STATE: dict[int, MixState] = {}  # id(model's attention module) -> state of the running identification
-
-
-def _padding_allowed(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    if attention_mask is None:
-        return None
-    return attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-
-
-def duo_identify_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The model's own SDPA attention, plus (mode ``"mix"``) the alpha-mix with sink + window attention or (mode
-    ``"needle"``) a record of attention on needle columns. With alpha = 1 the output is the model's, bit for bit."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    full, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling,
-                                              dropout=dropout, **kwargs)  # [b, q, heads, d]
-    state = _STATE.get(id(module))
-    if state is None:
-        return full, None
-    layer = module.layer_idx
-    b, heads, q_len, d = query.shape
-    kv_heads = key.shape[1]
-    groups = heads // kv_heads
-    scaling = d**-0.5 if scaling is None else scaling
-    k = key.repeat_interleave(groups, dim=1)
-    v = value.repeat_interleave(groups, dim=1)
-    if state.alpha is not None:
-        allowed = state.streaming_mask(q_len, k.shape[2], query.device)
-        padding = _padding_allowed(attention_mask)
-        if padding is not None:
-            allowed = allowed & padding
-        stream = F.scaled_dot_product_attention(query, k, v, attn_mask=allowed, scale=scaling).transpose(1, 2)
-        alpha = state.alpha()[layer].to(full.dtype).repeat_interleave(groups).view(1, 1, heads, 1)
-        return alpha * full + (1 - alpha) * stream, None
-    if state.columns is not None and state.rows is not None:
-        with torch.no_grad():
-            q_abs = torch.arange(k.shape[2] - q_len, k.shape[2], device=query.device)[state.rows]
-            logits = query[:, :, state.rows].float() @ k.float().transpose(-1, -2) * scaling
-            causal = torch.arange(k.shape[2], device=query.device).view(1, -1) <= q_abs.view(-1, 1)
-            probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
-            mass = probs[..., state.columns].sum(-1).mean(-1)  # [b, heads]
-            mass = mass.view(b, kv_heads, groups).mean((0, 2))
-            state.record[layer] = state.record.get(layer, 0) + mass
-    return full, None
-
-
-@contextmanager
-def identification_attention(model: Any, state: MixState) -> Iterator[None]:
-    """Run ``model``'s attention through :func:`duo_identify_attention` with ``state`` inside the block."""
-    from transformers.masking_utils import (
-        ALL_MASK_ATTENTION_FUNCTIONS,
-        AttentionMaskInterface,
-    )
-    from transformers.modeling_utils import AttentionInterface
-
-    modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")]
-    if not modules:
-        raise ValueError(f"found no attention modules with a layer_idx in {type(model).__name__}")
-    original = model.config._attn_implementation
-    AttentionInterface.register(_IMPL, duo_identify_attention)
-    AttentionMaskInterface.register(_IMPL, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    try:
-        for module in modules:
-            _STATE[id(module)] = state
-        model.set_attn_implementation(_IMPL)
-        yield
-    finally:
-        for module in modules:
-            _STATE.pop(id(module), None)
-        model.set_attn_implementation(original)
-
-
 # ------------------------------------------------------------------------------------------------ data
 @dataclass
 class Example:
@@ -223,14 +123,6 @@ def examples(tokenizer, count: int, length: int, seed: int, tasks: tuple[str, ..
 
 
 # ------------------------------------------------------------------------------------------------ training
-def _decoder(model: Any) -> Any:
-    return model.get_decoder() if hasattr(model, "get_decoder") else model.model
-
-
-def _final_hidden(model: Any, ids: torch.Tensor) -> torch.Tensor:
-    return _decoder(model)(input_ids=ids, use_cache=False).last_hidden_state
-
-
 def _distillation(model: Any, student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
     """Distance between the mixed model's and the full model's final hidden states on the answer span."""
     if kind == "hidden":
@@ -256,9 +148,9 @@ def train_gates(model: Any, data: list[Example], cfg: IdentifyConfig, progress: 
         for step in range(cfg.steps):
             example = data[step % len(data)]
             with torch.no_grad():
-                teacher = _final_hidden(model, example.ids)[:, example.span]
+                teacher = final_hidden(model, example.ids)[:, example.span]
             with identification_attention(model, state):
-                student = _final_hidden(model, example.ids)[:, example.span]
+                student = final_hidden(model, example.ids)[:, example.span]
             distill = _distillation(model, student, teacher, cfg.loss)
             alpha = torch.sigmoid(logits)
             loss = distill + cfg.lam * alpha.mean()
@@ -306,8 +198,6 @@ def identify(model: Any, tokenizer: Any, cfg: IdentifyConfig | None = None, *, m
                        f"{cfg.seed + SEED_OFFSET}), answer span distillation ({cfg.loss}), lam={cfg.lam}, "
                        f"lr={cfg.lr}")
     else:
-        from kvpress.duo.cheap import needle_scores
-
         gates = needle_scores(model, data, progress=progress)
         steps = 0
         description = (f"attention mass on the needle value from the answer span, {cfg.prompts} passkey prompts of "
@@ -328,17 +218,6 @@ def identify(model: Any, tokenizer: Any, cfg: IdentifyConfig | None = None, *, m
         "config": str(asdict(cfg)),
     }
     return DuoPattern(gates, meta)
-
-
-def identify_to_file(model_name: str, out: str | Path, cfg: IdentifyConfig | None = None,
-                     progress: bool = True) -> DuoPattern:
-    """Load ``model_name`` (offline), identify its heads and write the pattern file ``out``."""
-    import kvpress
-
-    model, tokenizer = kvpress.load_model(model_name)
-    pattern = identify(model, tokenizer, cfg, model_name=model_name, progress=progress)
-    pattern.save(out)
-    return pattern
 
 
 def overlap(a: DuoPattern, b: DuoPattern, fraction: float = 0.5) -> float:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 import time
 from typing import Any
 
@@ -42,6 +44,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _ratio(text: str) -> float:
+    """``--compression-ratio`` values: numbers in [0, 1) (the fraction of the first forward's tokens removed)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"compression_ratio must be a number in [0, 1), got {text!r}") from None
+    if not math.isfinite(value) or not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"compression_ratio must be in [0, 1) (the fraction of tokens removed), "
+                                         f"got {text}")
+    return value
+
+
 def _depth(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -59,9 +73,12 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("task", nargs="?", help=f"task name (see --list) or {GRID!r}")
     p.add_argument("--list", action="store_true", help="list the tasks, one per line, and exit")
     p.add_argument("--model", default="smollm2-135m", help="embedded model name, local path or hub id")
-    p.add_argument("--policy", nargs="+", default=["snapkv"], help="policy names (kvpress.policies); none = full")
-    p.add_argument("--compression-ratio", nargs="+", type=float, default=[0.25, 0.5, 0.75], metavar="R",
-                   help="fractions of the first forward's tokens evicted (StreamingLLM: mapped to its window)")
+    p.add_argument("--policy", nargs="+", default=["snapkv"],
+                   help="policy names or expressions (kvpress.policies.expr, e.g. 'snapkv | kvquant(bits=4)'); "
+                        "none = full")
+    p.add_argument("--compression-ratio", nargs="+", type=_ratio, default=[0.25, 0.5, 0.75], metavar="R",
+                   help="fractions in [0, 1) of the first forward's tokens evicted, for every policy that takes a "
+                        "compression_ratio (a policy without one, e.g. kvquant, runs once)")
     p.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE",
                    help="fixed policy parameter, e.g. window=32 (repeatable)")
     p.add_argument("--lengths", nargs="+", type=_positive_int, default=None, metavar="L",
@@ -119,26 +136,18 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def checked_specs(specs: list, n_tokens: int) -> list:
-    """Build every configuration once so unknown policies or parameters fail before a model loads. A policy that
-    takes no compression ratio (nor maps one, see ``RATIO_ADAPTERS``) runs once with its own parameters."""
-    from kvpress.eval.runner import PolicySpec
+def checked_configurations(cfg: dict[str, Any]) -> list:
+    """The run's policy configurations, each built once so that an unknown policy or parameter fails before a
+    model loads (``ValueError`` naming it)."""
+    from kvpress.eval.runner import configurations
+    from kvpress.policies.expr import check_builds
 
-    out: list = []
-    for spec in specs:
-        try:
-            spec.build(n_tokens)
-        except ValueError:
-            if spec.compression_ratio is None:
-                raise
-            plain = PolicySpec(spec.name, spec.params, None)
-            plain.build(n_tokens)  # still failing: a real error
-            if plain not in out:
-                print(f"note: {spec.name} takes no compression ratio; it runs once with {dict(spec.params)}")
-            spec = plain
-        if spec not in out:
-            out.append(spec)
-    return out
+    configs = configurations(cfg["policies"], cfg["compression_ratios"], cfg["params"], baseline=cfg["baseline"])
+    for config in configs:
+        check_builds(config, max(cfg["lengths"]), f"--policy ({config.label})")
+        if cfg["compression_ratios"] and config.ratio is None and not config.is_baseline:
+            print(f"note: {config.label} takes no compression ratio (or is sized by its own parameters): it runs once")
+    return configs
 
 
 def run(args: argparse.Namespace) -> int:
@@ -157,11 +166,14 @@ def run(args: argparse.Namespace) -> int:
     import transformers
 
     import kvpress
-    from kvpress.eval.runner import evaluate, sweep
+    from kvpress.eval.runner import evaluate
     from kvpress.models import load_model
 
-    specs = checked_specs(sweep(cfg["policies"], cfg["compression_ratios"], cfg["params"], baseline=cfg["baseline"]),
-                          max(cfg["lengths"]))
+    try:
+        specs = checked_configurations(cfg)
+    except ValueError as err:
+        print(f"kvpress eval: error: {err}", file=sys.stderr)
+        return 2
     model, tokenizer = load_model(cfg["model"], device=cfg["device"])
     cfg["configurations"] = [spec.label for spec in specs]
     cfg["versions"] = {"kvpress": kvpress.__version__, "torch": torch.__version__,

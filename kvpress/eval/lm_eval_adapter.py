@@ -60,7 +60,8 @@ from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
 
 from kvpress.compat import cache_kwargs
-from kvpress.eval.perplexity import MODES, build_policy, open_cache, score_through_cache
+from kvpress.eval.perplexity import MODE_OVERRIDES, MODES, open_cache, score_through_cache
+from kvpress.policies.expr import PolicyConfig
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +117,9 @@ class KVPressLM(HFLM):
 
         if isinstance(policy, str) or policy is None:
             self.policy_name = policy or "none"
-            self.policy = build_policy(self.policy_name, policy_params, mode="token")
-            self.rolling_policy = build_policy(self.policy_name, policy_params, mode=rolling_mode)
+            config = PolicyConfig.of(self.policy_name, policy_params, where="policy")
+            self.policy = config.build(None, MODE_OVERRIDES["token"])
+            self.rolling_policy = config.build(None, MODE_OVERRIDES[rolling_mode])
         else:  # an already-built Policy object
             if policy_params:
                 raise ValueError(f"policy parameters {sorted(policy_params)} given with a policy object")

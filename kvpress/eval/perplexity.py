@@ -2,25 +2,27 @@
 
 Eviction changes what the model attends to, so the only faithful perplexity for an evicting cache is teacher
 forcing through that cache (StreamingLLM's protocol): feed the text, score each next token from the logits the
-model produced while reading the cache as it was held at that moment. Two modes:
+model produced while reading the cache as it was held at that moment. :func:`score_through_cache` is the one
+routine that does it (the harness, the sweep, the lm-eval adapter and :mod:`kvpress.eval.cache_probes` call it).
+In either mode an optional first piece of ``prefill`` tokens goes in one forward. Two modes:
 
 ``token``
-    Optionally prefill a first chunk of ``prefill`` tokens in one forward (scored), then feed one token per
-    forward and score the next. A policy that evicts at every forward (StreamingLLM) keeps the cache bounded,
-    so this runs to arbitrarily long texts in bounded memory. No attention mask is passed (the model derives
-    positions from the cache) and only the per-step logits are kept, so a step costs the same at token
-    100 000 as at token 1000 once the cache is full.
+    After the optional prefill, feed one token per forward and score the next. A policy that evicts at every
+    forward (StreamingLLM) keeps the cache bounded, so this runs to arbitrarily long texts in bounded memory. No
+    attention mask is passed (the model derives positions from the cache) and only the per-step logits are kept,
+    so a step costs the same at token 100 000 as at token 1000 once the cache is full.
 ``chunked``
-    Feed ``chunk_size`` (C) tokens per forward, score all C next-token predictions of the chunk, let the policy
-    compress, continue. Each chunk attends to the compressed past plus itself, uncompressed. Score policies
-    (SnapKV, ...) are built with ``every_chunk=True`` so they compress after every chunk, not only the first.
+    Feed ``chunk_size`` (C) tokens per forward (after the optional prefill), score all C next-token predictions of
+    the chunk, let the policy compress, continue. Each chunk attends to the compressed past plus itself,
+    uncompressed. Score policies (SnapKV, ...) are built with ``every_chunk=True`` so they compress after every
+    chunk, not only the first.
 
 Both modes score the same tokens: every token of the text but the first (``tokens_scored = N - 1``), so a
 compressed run and a full-cache run on the same text are directly comparable.
 
-KV bytes: ``peak_kv_bytes`` is the maximum of the bytes the cache holds *between forwards*, read every
-``kv_check_every`` forwards, after the first forward and after the last one. For a growing cache the peak is
-the final value; for a bounded cache (StreamingLLM) the size is constant once the window filled, so the
+KV bytes (counted by :func:`kvpress.eval.kv_bytes.cache_nbytes`): ``peak_kv_bytes`` is the maximum of the bytes
+the cache holds *between forwards*, read every ``kv_check_every`` forwards, after the first forward and after the
+last one. For a growing cache the peak is the final value; for a bounded cache (StreamingLLM) the size is constant once the window filled, so the
 sampled maximum is the true one. Transient buffers inside a forward (attention scores, the new tokens before
 eviction) are not counted.
 """
@@ -31,7 +33,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,91 +42,31 @@ import torch
 import torch.nn.functional as F
 
 from kvpress.compat import cache_kwargs, output_cache
+from kvpress.eval.kv_bytes import cache_nbytes
 
 MODES = ("token", "chunked")
-DEFAULT_TEXT_SOURCE = "pydoc_data.topics"
 
 
-# --------------------------------------------------------------------------------------------------- text
-
-
-def default_text() -> str:
-    """The standard library's own prose: every ``pydoc`` help topic, joined (~465k characters, ~110k tokens).
-
-    Ships with every CPython, so it is available offline and identical across machines of one Python version.
-    """
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics.values())
-
-
-def load_text(path: str | Path | None = None) -> tuple[str, str]:
-    """``(text, source label)``: the file at ``path`` (UTF-8), or :func:`default_text` when ``None``."""
-    if path is None:
-        return default_text(), DEFAULT_TEXT_SOURCE
-    return Path(path).read_text(encoding="utf-8", errors="replace"), str(path)
-
-
-def tokenize_text(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
-    """``[1, N]`` token ids of ``text`` (no special tokens added), cut to the first ``max_tokens``.
-
-    With ``max_tokens`` only a prefix of the text is tokenized (grown until long enough), so a cap on a
-    huge file does not tokenize the whole file.
-    """
-    if max_tokens is not None and max_tokens < 2:
-        raise ValueError(f"max_tokens must be >= 2 (one token to read, one to predict), got {max_tokens}")
-    n_chars = len(text) if max_tokens is None else min(len(text), 8 * max_tokens)
-    while True:
-        ids = tokenizer(text[:n_chars], add_special_tokens=False)["input_ids"]
-        if max_tokens is None or len(ids) > max_tokens or n_chars >= len(text):
-            break
-        n_chars = min(len(text), 2 * n_chars)
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
-    if len(ids) < 2:
-        raise ValueError("the text has fewer than 2 tokens: nothing to score")
-    return torch.tensor([ids], dtype=torch.long)
-
-
-# -------------------------------------------------------------------------------------------------- cache
-
-
-def cache_nbytes(cache) -> int:
-    """Bytes of key/value tensors ``cache`` holds: ``cache.nbytes()`` for a KVPressCache, else the sum over a
-    transformers cache's layers (``DynamicCache``)."""
-    if hasattr(cache, "nbytes"):
-        return int(cache.nbytes())
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
-
-
-def build_policy(name: str | None, params: dict[str, Any] | None = None, *, mode: str = "token"):
-    """``kvpress.policies.get_policy(name, **params)``; in chunked mode a prefill-only score policy is rebuilt
-    with ``every_chunk=True`` so it compresses after every chunk (the chunked protocol needs it)."""
-    from kvpress.policies import get_policy
-
-    params = dict(params or {})
-    policy = get_policy(name or "none", **params)
-    if mode == "chunked" and hasattr(policy, "every_chunk") and not policy.every_chunk:
-        policy = get_policy(name, **params, every_chunk=True)
-    return policy
+# Parameters every policy stage that takes them is built with, per mode (``PolicyConfig.build(overrides=...)``):
+# chunked perplexity needs score policies to compress after every chunk, not only the first forward.
+MODE_OVERRIDES: dict[str, dict[str, Any]] = {"token": {}, "chunked": {"every_chunk": True}}
 
 
 @contextlib.contextmanager
-def open_cache(model, policy=None, *, cache: str = "kvpress") -> Iterator[Any]:
+def open_cache(model, policy=None, *, cache: str | Callable[[], Any] = "kvpress") -> Iterator[Any]:
     """An empty cache to feed ``model`` with, under ``policy``.
 
     ``cache="kvpress"``: the model is patched with :func:`kvpress.patch` for the duration and the cache is a
     ``KVPressCache`` (policy ``None`` = uncompressed). ``cache="dynamic"``: a plain transformers
-    ``DynamicCache`` on the unpatched model (uncompressed reference; ``policy`` must be ``None``).
+    ``DynamicCache`` on the unpatched model (uncompressed reference; ``policy`` must be ``None``). A callable:
+    the cache it builds (a transformers baseline such as ``QuantizedCache``), on the unpatched model.
     """
-    if cache == "dynamic":
+    if callable(cache) or cache == "dynamic":
         if policy is not None:
-            raise ValueError("a DynamicCache cannot apply a policy; use cache='kvpress'")
+            raise ValueError("a transformers cache cannot apply a policy; use cache='kvpress'")
+        if callable(cache):
+            yield cache()
+            return
         from transformers import DynamicCache
 
         yield DynamicCache(config=model.config)
@@ -163,6 +105,8 @@ class PerplexityResult:
     text_source: str = ""
     segments: list[dict[str, float]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    effective_bits: float | None = None  # with measure_bits: at the end
+    mean_effective_bits: float | None = None  # with measure_bits: mean over the forwards after the prefill
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -170,7 +114,7 @@ class PerplexityResult:
     def describe(self) -> str:
         """How the number was measured, in one line."""
         how = f"chunks of C={self.chunk_size}" if self.mode == "chunked" else "token by token"
-        if self.mode == "token" and self.prefill_tokens:
+        if self.prefill_tokens:
             how += f" after a {self.prefill_tokens}-token prefill"
         return f"{self.policy} ({self.cache}), {how}"
 
@@ -235,9 +179,10 @@ class _Scores:
 
 
 def _piece_sizes(n_inputs: int, mode: str, chunk_size: int, prefill: int) -> Iterator[int]:
-    """How many tokens each forward feeds: a first piece of ``prefill`` (token mode), then 1 or C."""
+    """How many tokens each forward feeds: a first piece of ``prefill`` tokens (when > 0), then 1 (token mode) or
+    C (chunked)."""
     step = 1 if mode == "token" else chunk_size
-    first = prefill if (mode == "token" and prefill > 0) else step
+    first = prefill if prefill > 0 else step
     fed = 0
     size = first
     while fed < n_inputs:
@@ -255,16 +200,24 @@ def score_through_cache(
     mode: str = "token",
     chunk_size: int = 512,
     prefill: int = 0,
+    score_from: int = 1,
+    feed_last: bool = False,
+    on_forward: Callable[[Any, int, int], None] | None = None,
     kv_check_every: int = 32,
     segment_tokens: int = 1024,
     progress: bool = False,
     desc: str = "perplexity",
 ) -> dict[str, Any]:
-    """Teacher-force ``input_ids`` (``[1, N]``) through ``cache`` and score every next token.
+    """Teacher-force ``input_ids`` (``[1, N]``) through ``cache`` and score the next tokens: the one perplexity
+    routine of kvpress (the harness, the sweep, the lm-eval adapter and the quantization probes call it).
 
-    The model reads ``input_ids[:, :-1]`` piece by piece (see :func:`_piece_sizes`), each forward with
-    ``cache`` as its cache argument; the logits of each piece score the tokens that follow it. Returns the raw
-    statistics (NLL sum, count, timings, KV bytes); :func:`evaluate_perplexity` wraps them in a result.
+    The model reads ``input_ids`` piece by piece (see :func:`_piece_sizes`), each forward with ``cache`` as its
+    cache argument; the logits of each piece score the tokens that follow it. Tokens at positions ``>=
+    score_from`` are scored (default 1: every token but the first; the quantization probe scores only what follows
+    its prefill). ``feed_last``: also feed the last token (whose logits predict nothing), so the cache ends holding
+    all N tokens. ``on_forward(cache, start, stop)`` is called after each forward that fed tokens
+    ``start..stop-1``. Returns the raw statistics (NLL sum, count, timings, KV bytes);
+    :func:`evaluate_perplexity` wraps them in a result.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -272,9 +225,12 @@ def score_through_cache(
         raise ValueError(f"input_ids must be [1, N], got {tuple(input_ids.shape)}")
     if chunk_size < 1 or prefill < 0 or kv_check_every < 1:
         raise ValueError("chunk_size and kv_check_every must be >= 1, prefill >= 0")
+    n = input_ids.shape[1]
+    if not 1 <= score_from < n:
+        raise ValueError(f"score_from must be in [1, {n}) (a token to score), got {score_from}")
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
-    inputs, targets = input_ids[:, :-1], input_ids[0, 1:]
+    inputs, targets = (input_ids if feed_last else input_ids[:, :-1]), input_ids[0, 1:]
     n_inputs = inputs.shape[1]
     peak = 0
     n_checks = 0
@@ -293,16 +249,21 @@ def score_through_cache(
             returned = output_cache(out)
             cache = returned if returned is not None else cache
             logits = out.logits[0]
-            scores.add(F.cross_entropy(logits.float(), targets[pos : pos + size], reduction="none"))
+            # row i predicts token pos + i + 1: score those at positions in [score_from, n)
+            lo, hi = max(pos, score_from - 1), min(pos + size, n - 1)
+            if hi > lo:
+                scores.add(F.cross_entropy(logits[lo - pos : hi - pos].float(), targets[lo:hi], reduction="none"))
             del out, logits
             pos += size
             step += 1
+            if on_forward is not None:
+                on_forward(cache, pos - size, pos)
             if step == 1 or step % kv_check_every == 0 or pos == n_inputs:
                 peak = max(peak, cache_nbytes(cache))
                 n_checks += 1
             if bar is not None:
                 bar.update(size)
-                if step % 256 == 0 or pos == n_inputs:
+                if scores.count and (step % 256 == 0 or pos == n_inputs):
                     bar.set_postfix(ppl=f"{math.exp(scores.nll_sum / scores.count):.2f}", refresh=False)
     seconds = time.perf_counter() - start
     if bar is not None:
@@ -331,20 +292,41 @@ def evaluate_perplexity(
     mode: str = "token",
     chunk_size: int = 512,
     prefill: int = 0,
-    cache: str = "kvpress",
+    score_from: int = 1,
+    feed_last: bool = False,
+    measure_bits: bool = False,
+    cache: str | Callable[[], Any] = "kvpress",
     kv_check_every: int = 32,
     segment_tokens: int = 1024,
     progress: bool = False,
     model_name: str = "",
     text_source: str = "",
 ) -> PerplexityResult:
-    """Perplexity of ``input_ids`` under ``policy`` (a :class:`kvpress.policies.Policy` or ``None``).
+    """Perplexity of ``input_ids`` under ``policy`` (a :class:`kvpress.policies.Policy`, a storage spec such as
+    :class:`~kvpress.quant.KVQuant`, or ``None``).
 
     ``cache="kvpress"`` patches the model with :func:`kvpress.patch` (``policy=None`` gives the uncompressed
     KVPressCache); ``cache="dynamic"`` runs the unpatched model with a transformers ``DynamicCache`` (the
     uncompressed reference, cheapest in chunked mode: with nothing evicted, chunked and token-by-token
-    teacher forcing compute the same thing up to float rounding).
+    teacher forcing compute the same thing up to float rounding); a callable builds a transformers cache.
+    ``score_from`` / ``feed_last``: see :func:`score_through_cache`. ``measure_bits``: also report the effective
+    bits per key/value element (:func:`kvpress.eval.kv_bytes.effective_bits`) at the end and their mean over the
+    states after each forward that starts at or after ``prefill``.
     """
+    label = policy_name or (getattr(policy, "name", type(policy).__name__) if policy is not None else "none")
+    bits: list[float] = []
+    on_forward = None
+    if measure_bits:
+        from kvpress.eval.kv_bytes import effective_bits
+
+        config = model.config.get_text_config(decoder=True)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        shape = (input_ids.shape[0], config.num_key_value_heads, head_dim)
+
+        def on_forward(kv: Any, start: int, stop: int) -> None:
+            if start >= prefill:
+                bits.append(effective_bits(kv, *shape))
+
     with open_cache(model, policy, cache=cache) as kv:
         stats = score_through_cache(
             model,
@@ -353,10 +335,13 @@ def evaluate_perplexity(
             mode=mode,
             chunk_size=chunk_size,
             prefill=prefill,
+            score_from=score_from,
+            feed_last=feed_last,
+            on_forward=on_forward,
             kv_check_every=kv_check_every,
             segment_tokens=segment_tokens,
             progress=progress,
-            desc=f"{policy_name or (policy.name if policy is not None else 'none')} [{mode}]",
+            desc=f"{label} [{mode}]",
         )
     mean_nll = stats["nll_sum"] / stats["tokens_scored"]
     notes = [
@@ -379,15 +364,17 @@ def evaluate_perplexity(
         final_kv_bytes=stats["final_kv_bytes"],
         mode=mode,
         chunk_size=chunk_size if mode == "chunked" else None,
-        prefill_tokens=prefill if mode == "token" else 0,
+        prefill_tokens=prefill,
         kv_check_every=kv_check_every,
         cache=stats["cache_type"],
-        policy=policy_name or (policy.name if policy is not None else "none"),
+        policy=label,
         policy_params=policy.params() if policy is not None else {},
         model=model_name,
         text_source=text_source,
         segments=stats["segments"],
         notes=notes,
+        effective_bits=bits[-1] if bits else None,
+        mean_effective_bits=sum(bits) / len(bits) if bits else None,
     )
 
 

@@ -15,7 +15,7 @@ import argparse
 import sys
 from typing import Any
 
-from kvpress.eval.cli import _param  # KEY=VALUE parsing shared with `kvpress eval --param`
+from kvpress.eval.cli import _param, _ratio  # parsing shared with `kvpress eval`
 
 DEFAULT_FULL_CHUNK = 1024
 
@@ -28,10 +28,13 @@ def add_subcommand(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default="smollm2-135m", help="embedded model name, local path or hub id")
-    p.add_argument("--policy", default="streaming_llm", help="policy name (kvpress.policies.get_policy); none = full")
+    p.add_argument("--policy", default="streaming_llm",
+                   help="policy name or expression (kvpress.policies.expr, e.g. 'snapkv(compression_ratio=0.5)'); "
+                        "none = full. A compression ratio of StreamingLLM/DecodingBudget/DuoAttention refers to "
+                        "the scored text's length")
     p.add_argument("--window", type=int, help="policy window (StreamingLLM: recent tokens kept; SnapKV: queries)")
     p.add_argument("--n-sink", type=int, help="StreamingLLM attention sinks")
-    p.add_argument("--compression-ratio", type=float, help="fraction of tokens removed (score policies)")
+    p.add_argument("--compression-ratio", type=_ratio, help="fraction of tokens removed, in [0, 1)")
     p.add_argument("--budget", type=int, help="tokens kept per head (score policies)")
     p.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE",
                    help="any other policy parameter (repeatable)")
@@ -39,7 +42,7 @@ def add_subcommand(subparsers) -> None:
                    help="token: one token per forward (StreamingLLM protocol); chunked: C tokens per forward, "
                         "compress after each chunk")
     p.add_argument("--chunk-size", type=int, default=512, help="C, tokens per forward in chunked mode")
-    p.add_argument("--prefill", type=int, default=0, help="token mode: tokens of a first chunk fed in one forward")
+    p.add_argument("--prefill", type=int, default=0, help="tokens of a first piece fed in one forward (either mode)")
     p.add_argument("--text", default=None, help="UTF-8 text file (default: the stdlib's pydoc topics)")
     p.add_argument("--max-tokens", type=int, default=20000, help="score the first N tokens of the text (0 = all)")
     p.add_argument("--compare-full", action="store_true", help="also run the uncompressed cache on the same text")
@@ -72,6 +75,20 @@ def _run_lm_eval(argv: list[str]) -> int:
     return main(argv)
 
 
+def policy_config(args: argparse.Namespace) -> Any:
+    """The :class:`~kvpress.policies.expr.PolicyConfig` of ``--policy`` (a name with the parameter flags, or an
+    expression without them); raises ``ValueError`` naming what is wrong."""
+    from kvpress.policies.expr import PolicyConfig, parse_config
+
+    params = policy_params(args)
+    if args.policy.strip().replace("-", "_").isidentifier():
+        return PolicyConfig.of(args.policy, params, where="--policy")
+    if params:
+        raise ValueError(f"--policy {args.policy!r} is an expression: write its parameters in it, not as "
+                         f"{', '.join(sorted(params))} flags")
+    return parse_config(args.policy, "--policy")
+
+
 def policy_params(args: argparse.Namespace) -> dict[str, Any]:
     params = {
         name: getattr(args, name)
@@ -100,17 +117,20 @@ def check_args(args: argparse.Namespace) -> None:
 def run_perplexity(args: argparse.Namespace) -> int:
     import torch
 
-    from kvpress.eval.perplexity import build_policy, evaluate_perplexity, load_text, tokenize_text, write_json
+    from kvpress.eval.perplexity import MODE_OVERRIDES, evaluate_perplexity, write_json
+    from kvpress.eval.text import load_text, tokenize_text
     from kvpress.models import load_model
 
     check_args(args)  # every setting, the text file and the policy fail here, before the model loads
-    params = policy_params(args)
-    policy = build_policy(args.policy, params, mode=args.mode)
+    policy_cfg = policy_config(args)
+    policy_cfg.build(None, MODE_OVERRIDES[args.mode])
     text, source = load_text(args.text)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
     ids = tokenize_text(tokenizer, text, args.max_tokens or None)
+    params = policy_cfg.parameters()
+    policy = policy_cfg.build(int(ids.shape[1]), MODE_OVERRIDES[args.mode])
     progress = not args.no_progress
     common = dict(kv_check_every=args.kv_check_every, segment_tokens=args.segment_tokens, progress=progress,
                   model_name=args.model, text_source=source)
@@ -141,37 +161,23 @@ def run_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:,.2f} MiB"
-
-
 def print_results(results: dict) -> None:
     """A side-by-side table of the runs (rich when available)."""
+    from kvpress.eval.report import mib, print_table
+
     rows = [
         ("how", lambda r: r.describe()),
         ("perplexity", lambda r: f"{r.perplexity:.3f}"),
         ("tokens scored", lambda r: f"{r.tokens_scored:,}"),
         ("tokens/s", lambda r: f"{r.tokens_per_second:,.1f}"),
         ("seconds", lambda r: f"{r.seconds:,.1f}"),
-        ("peak KV bytes", lambda r: f"{r.peak_kv_bytes:,} ({_mib(r.peak_kv_bytes)})"),
-        ("final KV bytes", lambda r: f"{r.final_kv_bytes:,} ({_mib(r.final_kv_bytes)})"),
+        ("peak KV bytes", lambda r: f"{r.peak_kv_bytes:,} ({mib(r.peak_kv_bytes)} MiB)"),
+        ("final KV bytes", lambda r: f"{r.final_kv_bytes:,} ({mib(r.final_kv_bytes)} MiB)"),
         ("last segment ppl", lambda r: f"{r.segments[-1]['perplexity']:.3f}" if r.segments else "-"),
     ]
     labels = list(results)
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:  # pragma: no cover - rich is a dependency
-        for name, fn in rows:
-            print(f"{name:>18}: " + " | ".join(fn(results[k]) for k in labels))
-    else:
-        table = Table(title="perplexity through the KV cache")
-        table.add_column("")
-        for label in labels:
-            table.add_column(label, justify="right")
-        for name, fn in rows:
-            table.add_row(name, *(fn(results[k]) for k in labels))
-        Console().print(table)
+    print_table("perplexity through the KV cache", ["", *labels],
+                [[name, *(fn(results[k]) for k in labels)] for name, fn in rows])
     notes = {note for r in results.values() for note in r.notes}
     for note in sorted(notes):
         print(f"note: {note}")

@@ -16,74 +16,40 @@ from typing import Any, Sequence
 from kvpress.eval.generation import Generation, fanout_key, first_forward_ids, run_direct, run_fanout
 from kvpress.eval.scoring import score as score_prediction
 from kvpress.eval.tasks import Task
-from kvpress.policies import get_policy
+from kvpress.policies.base import check_ratio
+from kvpress.policies.expr import PolicyConfig, expand
 
 SCHEMA_VERSION = 1
-# Policies without a compression_ratio parameter, and how a ratio maps onto their own parameters given the
-# number of tokens of the first (compressed) forward.
-RATIO_ADAPTERS = {
-    "streaming_llm": lambda ratio, n_tokens, params: {
-        "window": max(1, round(n_tokens * (1.0 - ratio)) - int(params.get("n_sink", 4)))
-    },
-}
 
 
-def _canonical(name: str) -> str:
-    return name.lower().replace("-", "_")
+def configurations(policies: Sequence[str], ratios: Sequence[float] | None, params: dict[str, Any] | None = None,
+                   baseline: bool = True) -> list[PolicyConfig]:
+    """Configurations for every policy x ratio (the uncompressed baseline first, once, when ``baseline``).
+
+    ``policies``: registry names or policy expressions (``"snapkv(window=16) | kvquant(bits=4)"``); ``params``
+    are added to every single-name policy; ``ratios`` reach every configuration that takes a compression ratio
+    (one without such a parameter, e.g. ``kvquant``, runs once). Raises :class:`~kvpress.policies.expr.
+    ExpressionError` (a ``ValueError``) naming the bad policy, parameter or ratio.
+    """
+    for i, r in enumerate(ratios or []):
+        check_ratio(f"compression_ratio[{i}]", r)
+    out: list[PolicyConfig] = [PolicyConfig()] if baseline else []
+    for i, text in enumerate(policies):
+        where = f"policy[{i}]"
+        if params and _is_name(text) and text.strip().lower() not in ("none", "full"):
+            found = [PolicyConfig.of(text, params, r, where) for r in (ratios or [None])]
+        else:
+            found = expand(text, ratios, where)
+        for config in found:
+            if config.is_baseline and baseline:
+                continue
+            if config not in out:
+                out.append(config)
+    return out
 
 
-@dataclass(frozen=True)
-class PolicySpec:
-    """One configuration of the sweep: a registry policy name, fixed parameters, and a compression ratio."""
-
-    name: str
-    params: tuple[tuple[str, Any], ...] = ()
-    compression_ratio: float | None = None
-
-    @property
-    def is_baseline(self) -> bool:
-        return _canonical(self.name) in ("none", "full")
-
-    @property
-    def label(self) -> str:
-        if self.is_baseline:
-            return "none"
-        parts = [f"{k}={v}" for k, v in self.params]
-        if self.compression_ratio is not None:
-            parts.insert(0, f"r={self.compression_ratio:g}")
-        return f"{_canonical(self.name)}({', '.join(parts)})" if parts else _canonical(self.name)
-
-    def parameters(self) -> dict[str, Any]:
-        out = dict(self.params)
-        if self.compression_ratio is not None:
-            out["compression_ratio"] = self.compression_ratio
-        return out
-
-    def build(self, n_tokens: int) -> Any:
-        """The policy for a prompt whose first forward has ``n_tokens`` tokens (``None`` for the baseline)."""
-        params = dict(self.params)
-        if self.compression_ratio is not None:
-            adapter = RATIO_ADAPTERS.get(_canonical(self.name))
-            params.update(
-                adapter(self.compression_ratio, n_tokens, params) if adapter
-                else {"compression_ratio": self.compression_ratio}
-            )
-        return get_policy(self.name, **params)
-
-
-def sweep(policies: Sequence[str], ratios: Sequence[float] | None, params: dict[str, Any] | None = None,
-          baseline: bool = True) -> list[PolicySpec]:
-    """Configurations for every policy x ratio (plus the uncompressed baseline first, once)."""
-    fixed = tuple(sorted((params or {}).items()))
-    specs: list[PolicySpec] = [PolicySpec("none")] if baseline else []
-    for name in policies:
-        if _canonical(name) in ("none", "full"):
-            if not baseline:
-                specs.append(PolicySpec("none"))
-            continue
-        for ratio in ratios or [None]:
-            specs.append(PolicySpec(name, fixed, ratio))
-    return specs
+def _is_name(text: str) -> bool:
+    return text.strip().replace("-", "_").isidentifier()
 
 
 @dataclass
@@ -114,7 +80,8 @@ def _plan(policies: Sequence[Any], fanout: bool) -> list[list[int]]:
     return plan + [[i] for i in range(len(policies)) if i not in grouped]
 
 
-def run_sample(model, tokenizer, sample, specs: Sequence[PolicySpec], mode: str, fanout: bool = True) -> list[tuple[PolicySpec, Any, Generation]]:
+def run_sample(model, tokenizer, sample, specs: Sequence[PolicyConfig], mode: str,
+               fanout: bool = True) -> list[tuple[PolicyConfig, Any, Generation]]:
     """Every configuration on one sample: ``(spec, policy, generation)`` in the order of ``specs``."""
     n_first = len(first_forward_ids(sample.prefix_ids, sample.suffix_ids, mode))
     policies = [_with_tokenizer(spec.build(n_first), tokenizer) for spec in specs]
@@ -139,7 +106,7 @@ def _with_tokenizer(policy: Any, tokenizer) -> Any:
     return policy
 
 
-def make_record(sample, spec: PolicySpec, policy: Any, gen: Generation, mode: str, model_name: str) -> dict[str, Any]:
+def make_record(sample, spec: PolicyConfig, policy: Any, gen: Generation, mode: str, model_name: str) -> dict[str, Any]:
     return {
         "task": sample.task,
         "length": sample.length,
@@ -150,7 +117,7 @@ def make_record(sample, spec: PolicySpec, policy: Any, gen: Generation, mode: st
         "mode": mode,
         "model": model_name,
         "label": spec.label,
-        "policy": "none" if spec.is_baseline else _canonical(spec.name),
+        "policy": spec.name,
         "compression_ratio": spec.compression_ratio,
         "parameters": policy.params() if hasattr(policy, "params") else {},
         "prompt_tokens": sample.prompt_tokens,
@@ -173,7 +140,8 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _pct(values: Sequence[float]) -> float | None:
+def _score_x100(values: Sequence[float]) -> float | None:
+    """Mean of scores in [0, 1], as a percentage rounded to 2 decimals (the metrics' scale)."""
     m = _mean(values)
     return None if m is None else round(100.0 * m, 2)
 
@@ -182,7 +150,7 @@ def _key(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def summarize(records: Sequence[dict[str, Any]], specs: Sequence[PolicySpec]) -> list[dict[str, Any]]:
+def summarize(records: Sequence[dict[str, Any]], specs: Sequence[PolicyConfig]) -> list[dict[str, Any]]:
     """One metrics entry per configuration (scores x100; KV bytes averaged over samples)."""
     baseline_bytes = {
         (r["length"], r["depth"], r["index"]): r["kv_bytes"] for r in records if r["policy"] == "none"
@@ -207,13 +175,13 @@ def summarize(records: Sequence[dict[str, Any]], specs: Sequence[PolicySpec]) ->
         seconds = sum(r["seconds"] + (r["prefill_seconds"] if r["fanout"] else 0.0) for r in rows)
         entries.append({
             "label": spec.label,
-            "policy": "none" if spec.is_baseline else _canonical(spec.name),
+            "policy": spec.name,
             "parameters": spec.parameters(),
             "compression_ratio": spec.compression_ratio,
-            "score": _pct([r["score"] for r in rows]),
-            "per_length": {k: _pct(v) for k, v in by_length.items()},
-            "per_depth": {k: _pct(v) for k, v in by_depth.items()} or None,
-            "grid": {d: {k: _pct(v) for k, v in row.items()} for d, row in grid.items()} or None,
+            "score": _score_x100([r["score"] for r in rows]),
+            "per_length": {k: _score_x100(v) for k, v in by_length.items()},
+            "per_depth": {k: _score_x100(v) for k, v in by_depth.items()} or None,
+            "grid": {d: {k: _score_x100(v) for k, v in row.items()} for d, row in grid.items()} or None,
             "n_samples": len(rows),
             "empty_answers": sum(r["empty"] for r in rows),
             "kv_bytes": _mean([r["kv_bytes"] for r in rows]),
@@ -230,7 +198,7 @@ def evaluate(
     model,
     tokenizer,
     task: Task,
-    specs: Sequence[PolicySpec],
+    specs: Sequence[PolicyConfig],
     lengths: Sequence[int],
     samples: int,
     *,
@@ -290,7 +258,7 @@ def evaluate(
         "depths": list(depths) if depths else None,
         "samples": samples,
         "fanout": fanout,
-        "policies": list(dict.fromkeys("none" if s.is_baseline else _canonical(s.name) for s in specs)),
+        "policies": list(dict.fromkeys(s.name for s in specs)),
         "baseline": "none" if any(s.is_baseline for s in specs) else None,
         "entries": summarize(records, specs),
         "seconds": round(seconds, 2),

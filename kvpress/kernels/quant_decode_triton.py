@@ -327,13 +327,3 @@ def quant_decode_triton(
     shape = (b, h, n_splits, m_pad)
     part = merge_splits(acc.view(*shape, d), row_max.view(shape), row_sum.view(shape))
     return AttentionPartial(part.out[:, :, :m], part.lse[:, :, :m])
-
-
-def supported_head_dim(d: int) -> bool:
-    return 16 <= d <= 256 and d & (d - 1) == 0
-
-
-def supported_value_group(d: int, gv: int) -> bool:
-    return d % gv == 0 and gv & (gv - 1) == 0
-
-

@@ -8,7 +8,7 @@ from kvpress.policies.h2o import H2O
 from kvpress.policies.knorm import KeyNorm
 from kvpress.policies.kvzip import KVzip
 from kvpress.policies.learned import Learned
-from kvpress.policies.pipeline import Pipeline, is_storage_spec
+from kvpress.policies.interface import Pipeline, is_storage_spec
 from kvpress.policies.pyramidkv import PyramidKV
 from kvpress.policies.registry import available_policies, get_policy, policy_factory, register_policy
 from kvpress.policies.snapkv import SnapKV

@@ -1,72 +1,21 @@
-"""The policy interface: decide, per layer and KV head, which cached tokens stay."""
+"""Score-based policies and the checks every policy shares: :class:`ScorePolicy` (keep the best-scored tokens of
+each head), budgets from a ratio, argument checks. The interface itself, :class:`Policy`, and its composition,
+:class:`Pipeline`, live in :mod:`kvpress.policies.interface` (re-exported here)."""
 
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from numbers import Real
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from kvpress.context import ForwardContext, LayerContext
+from kvpress.context import LayerContext
+from kvpress.policies.interface import SIZE_PARAMETERS, Pipeline, Policy, is_storage_spec
 
-# The parameters through which a policy is sized (how much it keeps); everything else says how it scores.
-SIZE_PARAMETERS: tuple[str, ...] = ("compression_ratio", "budget")
-
-
-class Policy(ABC):
-    """An eviction policy. Implement :meth:`select`; everything else is optional.
-
-    ``select`` is called for every compressible layer after attention ran in a forward pass, with a
-    :class:`~kvpress.context.LayerContext` (``ctx.phase`` says prefill / extend / decode). It returns a keep
-    mask ``[batch, kv_heads, seq]`` (bool over the cached slots) or ``None`` to keep everything. Heads may keep
-    different numbers of tokens: the cache then switches that layer to ragged storage (no padding held).
-    """
-
-    name: ClassVar[str] = "policy"
-    # True: after eviction, attend at positions within the cache (see kvpress.reposition), not the original ones.
-    reposition: bool = False
-    # True: heads keep different numbers of tokens by design, which saves memory only in ragged storage.
-    needs_ragged: ClassVar[bool] = False
-    # True: attention computes ctx.attention_mass (per-slot attention received) along with its output.
-    wants_attention_mass: bool = False
-
-    @abstractmethod
-    def select(self, ctx: LayerContext) -> torch.Tensor | None: ...
-
-    def acts_at(self, phase: str) -> bool:
-        """Whether :meth:`select` can do anything in a forward of this ``phase`` (prefill / extend / decode).
-        ``False`` lets the patch skip the policy entirely in that phase (no context built, nothing called): a
-        policy that only compresses the prompt then costs nothing per decode step. Default: always acts."""
-        return True
-
-    def attach(self, model: Any) -> None:
-        """Called once by :func:`kvpress.patch` with the model, before any forward: a policy that needs the model
-        (a predictor trained for it) loads and checks what it needs here; the default does nothing."""
-
-    def after_forward(self, fwd: ForwardContext) -> None:
-        """Called once the whole model finished a forward (after every layer's :meth:`select`), with a handle
-        that can run extra forwards on the cache. Policies that need the whole model (KVzip's context
-        reconstruction) evict here; the default does nothing."""
-
-    def max_held(self) -> int | None:
-        """The most tokens any head holds under this policy, whatever the stream's length, or ``None`` if
-        unbounded (a ratio scales with the prompt). Compositions use it to check that a quantizer can act."""
-        return None
-
-    def params(self) -> dict[str, Any]:
-        """Parameters that identify this configuration (for reports and result files)."""
-        return {}
-
-    def __or__(self, other: Any) -> "Any":
-        from kvpress.policies.pipeline import Pipeline
-
-        return Pipeline(self, other)
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
-        return f"{type(self).__name__}({args})"
+__all__ = ["SIZE_PARAMETERS", "Policy", "Pipeline", "is_storage_spec", "ScorePolicy", "check_ratio", "check_int",
+           "check_fraction", "window_for_ratio", "RatioSized", "recent_mask", "keep_topk", "keep_count"]
 
 
 def check_ratio(name: str, value: Any) -> float:
@@ -76,6 +25,14 @@ def check_ratio(name: str, value: Any) -> float:
     if not 0.0 <= float(value) < 1.0:
         raise ValueError(f"{name} must be in [0, 1) (the fraction of tokens removed), got {value!r}")
     return float(value)
+
+
+def window_for_ratio(compression_ratio: float, n_tokens: int, n_fixed: int = 0) -> int:
+    """Tokens a recent window keeps so that a first forward of ``n_tokens`` tokens keeps ``1 - compression_ratio``
+    of them, ``n_fixed`` (sinks) included: ``max(1, round(n_tokens * (1 - r)) - n_fixed)``. How the policies whose
+    native size is a token count (StreamingLLM's window, DecodingBudget's budget) read a ratio."""
+    check_int("n_tokens", n_tokens, 1)
+    return max(1, round(n_tokens * (1.0 - compression_ratio)) - n_fixed)
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:
@@ -121,6 +78,31 @@ def keep_count(n_real: torch.Tensor, compression_ratio: float | None, budget: in
         return n_real.clamp(max=budget)
     kept = (n_real.double() * (1.0 - compression_ratio)).floor().long()
     return kept.clamp(min=1).minimum(n_real)
+
+
+class RatioSized:
+    """Mixin of the policies whose native size is not a ratio (StreamingLLM's window, DecodingBudget's budget,
+    DuoAttention's head sparsity) but that also take ``compression_ratio``: they size themselves from it at the first
+    forward on each fresh cache (``n`` = that forward's tokens), or once for good from a known length with
+    :meth:`size_for`. A subclass sets ``_fixed`` (True when sized by its native parameter) and implements ``_size``."""
+
+    compression_ratio: float | None = None
+    _fixed: bool = True
+
+    def _size(self, n_tokens: int) -> None:
+        raise NotImplementedError
+
+    def size_for(self, n_tokens: int) -> None:
+        """Fix the size from ``compression_ratio`` for a first forward of ``n_tokens`` tokens (no-op when the policy
+        was sized by its own parameter)."""
+        if self.compression_ratio is not None:
+            self._size(n_tokens)
+        self._fixed = True
+
+    def size_at(self, ctx: LayerContext, unsized: bool) -> None:
+        """Size from this forward when it is a fresh cache's first one (or nothing is sized yet), unless fixed."""
+        if not self._fixed and (unsized or ctx.phase == "prefill"):
+            self._size(ctx.seq_len)
 
 
 class ScorePolicy(Policy):

@@ -7,10 +7,11 @@ from typing import Any
 import torch
 
 from kvpress.context import LayerContext
-from kvpress.policies.base import Policy, ScorePolicy, check_int, keep_topk, recent_mask
+from kvpress.policies.base import (Policy, RatioSized, ScorePolicy, check_int, check_ratio, keep_topk, recent_mask,
+                                   window_for_ratio)
 
 
-class DecodingBudget(Policy):
+class DecodingBudget(RatioSized, Policy):
     """Re-apply a :class:`ScorePolicy` while generating, so that no head ever holds more than
     ``budget + interval`` tokens.
 
@@ -22,25 +23,42 @@ class DecodingBudget(Policy):
     Args:
         policy: the scoring policy.
         budget: tokens per head after each cut (>= 1).
+        compression_ratio: instead of ``budget``: the budget is sized at the first forward on each fresh cache
+            (``n`` tokens), to ``max(1, round(n * (1 - r)))``; :meth:`size_for` fixes it from a known length.
         interval: decoding steps between cuts (>= 1; 1 keeps the cache exactly at the budget).
         window: newest tokens always kept (< budget).
     """
 
     name = "decoding_budget"
 
-    def __init__(self, policy: ScorePolicy, budget: int, interval: int = 1, window: int = 16):
+    def __init__(self, policy: ScorePolicy, budget: int | None = None, interval: int = 1, window: int = 16,
+                 compression_ratio: float | None = None):
         if not isinstance(policy, ScorePolicy):
             raise ValueError(f"policy must be a kvpress ScorePolicy (e.g. H2O(), SnapKV()), got {policy!r}")
+        if (budget is None) == (compression_ratio is None):
+            raise ValueError("give exactly one of budget or compression_ratio")
         self.policy = policy
-        self.budget = check_int("budget", budget, 1)
+        self.compression_ratio = None if compression_ratio is None else check_ratio("compression_ratio",
+                                                                                    compression_ratio)
         self.interval = check_int("interval", interval, 1)
         self.window = check_int("window", window, 0)
-        if self.window >= self.budget:
-            raise ValueError(f"window must be smaller than budget ({self.budget}), got {window!r}")
+        self.budget: int | None = None
+        self._fixed = budget is not None
+        if budget is not None:
+            self._set_budget(check_int("budget", budget, 1))
         self.reposition = policy.reposition
         self.wants_attention_mass = getattr(policy, "wants_attention_mass", False)
 
+    def _set_budget(self, budget: int) -> None:
+        if self.window >= budget:
+            raise ValueError(f"window must be smaller than budget ({budget}), got {self.window!r}")
+        self.budget = budget
+
+    def _size(self, n_tokens: int) -> None:
+        self._set_budget(window_for_ratio(self.compression_ratio, n_tokens))
+
     def select(self, ctx: LayerContext) -> torch.Tensor | None:
+        self.size_at(ctx, self.budget is None)
         keep = None
         if ctx.phase == "prefill" or (self.policy.every_chunk and ctx.phase == "extend"):
             keep = self.policy.select(ctx)  # its own prefill compression
@@ -59,4 +77,8 @@ class DecodingBudget(Policy):
         return self.budget + self.interval
 
     def params(self) -> dict[str, Any]:
-        return {"policy": repr(self.policy), "budget": self.budget, "interval": self.interval, "window": self.window}
+        out: dict[str, Any] = {"policy": repr(self.policy), "budget": self.budget, "interval": self.interval,
+                               "window": self.window}
+        if self.compression_ratio is not None:
+            out["compression_ratio"] = self.compression_ratio
+        return out

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from kvpress.context import ForwardContext, LayerContext
-from kvpress.policies.base import Policy, check_fraction, check_int
+from kvpress.policies.base import Policy, RatioSized, check_fraction, check_int, check_ratio
 
 
-class DuoAttention(Policy):
+class DuoAttention(RatioSized, Policy):
     """Streaming heads keep the first ``n_sink`` real tokens and the last ``window``; retrieval heads keep all.
 
     Args:
@@ -27,6 +27,11 @@ class DuoAttention(Policy):
         sparsity: fraction of all heads made streaming (lowest gates first), in [0, 1].
         n_sink / window: what a streaming head keeps (``window >= 1``).
         threshold: instead of ``sparsity``: heads with a gate below it stream.
+        compression_ratio: instead of ``sparsity`` (as in NVIDIA kvpress): the sparsity is sized at the first forward
+            on each fresh cache (``n`` tokens), so that this forward keeps ``1 - r`` of its tokens: with a
+            streaming head's span ``c = (n_sink + window) / n < 1``, ``sparsity = min(1, r / (1 - c))``; when
+            ``n <= n_sink + window`` nothing is evicted yet and ``sparsity = r``. :meth:`size_for` fixes it from a
+            known length instead.
         retrieval_policy: optional eviction policy applied to the retrieval heads only (e.g. ``SnapKV(0.5)``);
             streaming heads keep sinks + window regardless. Policies that evict in ``after_forward`` (KVzip,
             Learned in ratio mode) are refused.
@@ -38,25 +43,31 @@ class DuoAttention(Policy):
     """
 
     name = "duo_attention"
+    size_parameters = ("compression_ratio", "sparsity", "threshold")
     needs_ragged = True
 
     def __init__(
         self,
         pattern: Any = "auto",
-        sparsity: float | None = 0.5,
+        sparsity: float | None = None,
         n_sink: int = 16,
         window: int = 128,
         threshold: float | None = None,
         retrieval_policy: Policy | None = None,
+        compression_ratio: float | None = None,
     ):
-        if threshold is not None:
-            self.threshold: float | None = check_fraction("threshold", threshold)
-            self.sparsity: float | None = None
-        else:
-            if sparsity is None:
-                raise ValueError("give sparsity (fraction of heads made streaming) or threshold")
-            self.sparsity = check_fraction("sparsity", sparsity)
-            self.threshold = None
+        given = [k for k, v in (("sparsity", sparsity), ("threshold", threshold),
+                                ("compression_ratio", compression_ratio)) if v is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of sparsity, threshold or compression_ratio, got {' and '.join(given)}")
+        self.threshold: float | None = None if threshold is None else check_fraction("threshold", threshold)
+        self.compression_ratio: float | None = None if compression_ratio is None else check_ratio(
+            "compression_ratio", compression_ratio)
+        self.sparsity: float | None = None if sparsity is None else check_fraction("sparsity", sparsity)
+        if not given:
+            self.sparsity = 0.5
+        self._fixed = compression_ratio is None
+        self._sized_for: int | None = None
         self.n_sink = check_int("n_sink", n_sink, 0)
         self.window = check_int("window", window, 1)
         if retrieval_policy is not None:
@@ -76,8 +87,20 @@ class DuoAttention(Policy):
 
             self.pattern = as_pattern(pattern)  # a missing or malformed file fails here, at construction
         self._streaming: torch.Tensor | None = None
-        if self.pattern is not None:
+        self._apply_pattern()
+
+    def _apply_pattern(self) -> None:
+        if self.pattern is not None and (self.sparsity is not None or self.threshold is not None):
             self._streaming = self.pattern.streaming(sparsity=self.sparsity, threshold=self.threshold)
+
+    def _size(self, n_tokens: int) -> None:
+        if n_tokens == self._sized_for:
+            return
+        span = (self.n_sink + self.window) / check_int("n_tokens", n_tokens, 1)
+        r = self.compression_ratio
+        self.sparsity = r if span >= 1.0 else min(1.0, r / (1.0 - span))
+        self._sized_for = n_tokens
+        self._apply_pattern()
 
     # -- setup -----------------------------------------------------------------------------------------------
     def attach(self, model: Any) -> None:
@@ -85,7 +108,7 @@ class DuoAttention(Policy):
 
         if self.pattern is None:
             self.pattern = load_pattern(embedded_pattern(model))
-            self._streaming = self.pattern.streaming(sparsity=self.sparsity, threshold=self.threshold)
+            self._apply_pattern()
         self.pattern.check(model)
         if self.retrieval_policy is not None:
             self.retrieval_policy.attach(model)
@@ -94,11 +117,15 @@ class DuoAttention(Policy):
     def streaming_heads(self) -> torch.Tensor:
         """``[layers, kv_heads]`` bool, True for streaming heads (known once a pattern is loaded)."""
         if self._streaming is None:
+            if self.pattern is not None:
+                raise RuntimeError("DuoAttention(compression_ratio=...) knows its streaming heads after its first "
+                                   "forward (or size_for(n_tokens))")
             raise RuntimeError("DuoAttention(pattern='auto') has no pattern yet: kvpress.patch attaches it to the model")
         return self._streaming
 
     # -- policy ----------------------------------------------------------------------------------------------
     def select(self, ctx: LayerContext) -> torch.Tensor | None:
+        self.size_at(ctx, self.sparsity is None and self.threshold is None)
         streaming = self.streaming_heads
         if ctx.layer_idx >= streaming.shape[0] or ctx.num_kv_heads != streaming.shape[1]:
             raise ValueError(f"the DuoAttention pattern is {tuple(streaming.shape)} (layers, KV heads); layer "
@@ -147,6 +174,8 @@ class DuoAttention(Policy):
             out["threshold"] = self.threshold
         else:
             out["sparsity"] = self.sparsity
+        if self.compression_ratio is not None:
+            out["compression_ratio"] = self.compression_ratio
         out.update(n_sink=self.n_sink, window=self.window)
         if self.retrieval_policy is not None:
             out["retrieval_policy"] = repr(self.retrieval_policy)

@@ -42,6 +42,7 @@ class Learned(GlobalScorePolicy):
     """
 
     name = "learned"
+    size_parameters = ("compression_ratio", "budget", "threshold")
     wants_hidden_states = True
 
     def __init__(

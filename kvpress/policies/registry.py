@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from typing import Any, Callable
 
 from kvpress.policies.adakv import AdaKV
@@ -41,22 +42,25 @@ def _pyramidkv(scorer: str | ScorePolicy = "snapkv", scorer_params: dict[str, An
     return PyramidKV(_scorer(scorer, scorer_params), compression_ratio=compression_ratio, budget=budget, beta=beta)
 
 
-def _decoding_budget(budget: int, policy: str | ScorePolicy = "snapkv", policy_params: dict[str, Any] | None = None,
-                     interval: int = 1, window: int = 16) -> DecodingBudget:
+def _decoding_budget(budget: int | None = None, policy: str | ScorePolicy = "snapkv",
+                     policy_params: dict[str, Any] | None = None, interval: int = 1, window: int = 16,
+                     compression_ratio: float | None = None) -> DecodingBudget:
     params = dict(policy_params or {})
     if isinstance(policy, str) and not set(SIZE_PARAMETERS) & params.keys():
         # By name, the inner policy only scores: the budget sets the size (its own default ratio would also cut).
         params["compression_ratio"] = 0.0
-    return DecodingBudget(_scorer(policy, params), budget=budget, interval=interval, window=window)
+    return DecodingBudget(_scorer(policy, params), budget=budget, interval=interval, window=window,
+                          compression_ratio=compression_ratio)
 
 
-def _duo_attention(pattern: Any = "auto", sparsity: float | None = 0.5, n_sink: int = 16, window: int = 128,
+def _duo_attention(pattern: Any = "auto", sparsity: float | None = None, n_sink: int = 16, window: int = 128,
                   threshold: float | None = None, retrieval_policy: str | Policy | None = None,
-                  retrieval_params: dict[str, Any] | None = None) -> DuoAttention:
+                  retrieval_params: dict[str, Any] | None = None,
+                  compression_ratio: float | None = None) -> DuoAttention:
     inner = get_policy(retrieval_policy, **(retrieval_params or {})) if isinstance(retrieval_policy, str) \
         else retrieval_policy
     return DuoAttention(pattern=pattern, sparsity=sparsity, n_sink=n_sink, window=window, threshold=threshold,
-                        retrieval_policy=inner)
+                        retrieval_policy=inner, compression_ratio=compression_ratio)
 
 
 _REGISTRY: dict[str, Callable[..., Any]] = {
@@ -102,6 +106,17 @@ def canonical_policy_name(name: str) -> str:
 def policy_factory(name: str) -> Callable[..., Any]:
     """The callable registered under ``name`` (for tools that inspect its parameters, e.g. sweep specs)."""
     return _REGISTRY[canonical_policy_name(name)]
+
+
+def size_parameters(name: str) -> tuple[str, ...]:
+    """The parameters that size the policy registered as ``name`` (``compression_ratio``, ``budget``, and its own:
+    StreamingLLM's ``window``, DuoAttention's ``sparsity``/``threshold``): read from the class it builds."""
+    factory = policy_factory(name)
+    try:
+        cls = factory if isinstance(factory, type) else typing.get_type_hints(factory).get("return")
+    except Exception:  # noqa: BLE001 - a third-party factory whose annotations do not resolve: the defaults
+        cls = None
+    return tuple(getattr(cls, "size_parameters", SIZE_PARAMETERS))
 
 
 def get_policy(name: str, **params: Any) -> Any:

@@ -29,6 +29,7 @@ then records how many tokens each group still holds in each head, groups emptied
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import Protocol
 
 import torch
 
@@ -54,6 +55,28 @@ class BodyConfig:
     seed: int = 0
     scale_dtype: torch.dtype = torch.float16
     factor_dtype: torch.dtype = torch.float16
+
+
+class QuantSpec(Protocol):
+    """What a :class:`~kvpress.quant.storage.QuantizedStorage` reads of its spec (:class:`~kvpress.quant.KVQuant`
+    implements it; declared here so that the storage and the spec do not import each other)."""
+
+    group_size: int
+    residual: int
+    outlier_reorder: bool
+    n_sink: int
+    rank: int
+    lowrank_block: int
+    fp_dtype: torch.dtype | None
+    exact_new_tokens: bool
+
+    @property
+    def rotated(self) -> tuple[bool, bool]: ...
+
+    def body_config(self, head_dim: int) -> BodyConfig: ...
+
+    def rotations(self, head_dim: int, device: torch.device, sample_keys: torch.Tensor | None = None,
+                  sample_values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]: ...
 
 
 _PER_TOKEN = ("k_codes", "v_codes", "v_scale", "v_zero", "k_left", "v_left", "k_out_val", "k_out_idx",

@@ -204,11 +204,11 @@ class KVQuant:
         return out
 
     def __or__(self, other: Any) -> Any:
-        from kvpress.policies.pipeline import Pipeline
+        from kvpress.policies.interface import Pipeline
 
         return Pipeline(self, other)
 
     def __ror__(self, other: Any) -> Any:
-        from kvpress.policies.pipeline import Pipeline
+        from kvpress.policies.interface import Pipeline
 
         return Pipeline(other, self)

@@ -46,17 +46,14 @@ rotation); ``crop`` (assisted decoding) is not supported.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
 from kvpress import kernels
 from kvpress.kernels.dispatch import pack_backend, quantize_pack
-from kvpress.quant.body import BodyConfig, QuantizedBody
+from kvpress.quant.body import BodyConfig, QuantizedBody, QuantSpec
 from kvpress.storage.base import AttentionView, KVStorage, LazyAttentionView
-
-if TYPE_CHECKING:
-    from kvpress.quant.config import KVQuant
 
 POSITION_DTYPE = torch.int32
 # Re-positioning's keys to replace: slots ``where`` (a (batch, head, slot) index tuple) get ``fn(keys)``, keys in the
@@ -97,7 +94,7 @@ def packed_body(
 class QuantizedStorage(KVStorage):
     """Quantized storage of one layer (see the module docstring). Built by :meth:`KVQuant.create_storage`."""
 
-    def __init__(self, spec: "KVQuant", layer_idx: int = 0):
+    def __init__(self, spec: QuantSpec, layer_idx: int = 0):
         self.spec = spec
         self.layer_idx = layer_idx
         self.cfg: BodyConfig | None = None

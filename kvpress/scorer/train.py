@@ -90,7 +90,7 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------------- data
 def training_prompts(tokenizer, count: int, length: int, seed: int, text_file: str | None = None) -> list[list[int]]:
     """``count`` context token sequences: harness task prefixes and plain prose spans, deterministic in ``seed``."""
-    from kvpress.eval.perplexity import load_text
+    from kvpress.eval.text import load_text
     from kvpress.eval.tasks import get_task
 
     rng = random.Random(f"kvpress-scorer|{seed}")

@@ -12,11 +12,11 @@ Command line: ``kvpress sweep plan|run|report`` (see kvpress/sweep/README.md).
 
 from kvpress.sweep.backends import BackendError
 from kvpress.sweep.cells import Cell, Plan, plan
-from kvpress.sweep.expr import PolicyConfig, SpecError, expand
-from kvpress.sweep.report import (aggregate, load_records, load_rows, pareto_front, plot_needle_heatmaps,
-                                   plot_score_vs_bytes, plot_score_vs_ratio, write_report)
+from kvpress.policies.expr import PolicyConfig, expand
+from kvpress.eval.report import pareto_front, plot_score_vs_bytes, plot_score_vs_ratio
+from kvpress.sweep.report import aggregate, load_records, load_rows, plot_needle_heatmaps, write_report
 from kvpress.sweep.runner import RunSummary, run_sweep
-from kvpress.sweep.spec import SweepSpec, load_spec
+from kvpress.sweep.spec import SpecError, SweepSpec, load_spec
 from kvpress.sweep.store import ResultStore, StoreError
 from kvpress.sweep.tasks import available_sweep_tasks
 

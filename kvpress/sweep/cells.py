@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvpress.sweep.expr import PolicyConfig, SpecError
+from kvpress.policies.expr import PolicyConfig
+from kvpress.sweep.spec import SpecError
 from kvpress.sweep.spec import SweepSpec
 from kvpress.sweep.tasks import LM_EVAL, PPL, SYNTHETIC, build_task, resolved_params, task_identity, task_kind
 

@@ -4,6 +4,8 @@
     kvpress sweep run SPEC.toml --out runs/my-sweep    # again after a crash or Ctrl-C: only missing cells run
     kvpress sweep run SPEC.toml --out DIR --backend ray [--ray-address HOST:PORT] [--workers N]
     kvpress sweep report runs/my-sweep                 # tables (Markdown, CSV) and plots into DIR/report/
+    kvpress sweep export runs/my-sweep --out records.jsonl   # the records as JSON lines (commit them with a report)
+    kvpress sweep report records.jsonl --out DIR       # the same report, rebuilt from the records (no model)
     kvpress sweep plan --tasks niah_single_noise --policies snapkv "kvquant(bits=[2,4])" --ratios 0.25 0.5
 
 Every axis of the spec file is also a flag (a flag replaces the file's value); see kvpress/sweep/README.md.
@@ -52,7 +54,7 @@ def _add_axes(p: argparse.ArgumentParser) -> None:
 def add_subcommand(subparsers) -> None:
     p = subparsers.add_parser("sweep", help="resumable policy sweeps (local or Ray), result store, reports",
                               description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="sweep_command", metavar="{plan,run,report}")
+    sub = p.add_subparsers(dest="sweep_command", metavar="{plan,run,report,export}")
     plan_p = sub.add_parser("plan", help="print the cells of a spec and their count (checks the spec)")
     _add_axes(plan_p)
     plan_p.add_argument("--out", default=None, help="a results directory: mark the cells it already holds")
@@ -72,8 +74,9 @@ def add_subcommand(subparsers) -> None:
     run_p.add_argument("--report", action="store_true", help="write the report into OUT/report afterwards")
     run_p.set_defaults(func=cmd_run)
 
-    rep = sub.add_parser("report", help="Markdown/CSV tables and plots of a results directory")
-    rep.add_argument("dir", help="results directory")
+    rep = sub.add_parser("report", help="Markdown/CSV tables and plots of a results directory or records file")
+    rep.add_argument("dir", help="results directory, or a records file written by `kvpress sweep export` (no model "
+                                 "runs: the report is rebuilt from the records)")
     rep.add_argument("--out", default=None, help="where tables and plots go (default DIR/report)")
     rep.add_argument("--markdown", default=None, help="write the Markdown here instead (image links relative)")
     rep.add_argument("--spec", default=None, help="report only the cells of this spec (others in DIR are ignored)")
@@ -81,12 +84,18 @@ def add_subcommand(subparsers) -> None:
     rep.add_argument("--intro", default=None, help="a file whose text goes under the title")
     rep.add_argument("--readme", default=None, help="update the leaderboard block of this README with the summary")
     rep.set_defaults(func=cmd_report)
+
+    exp = sub.add_parser("export", help="the records of a results directory as compact JSON lines (provenance)")
+    exp.add_argument("dir", help="results directory")
+    exp.add_argument("--out", required=True, help="records file to write (JSON lines)")
+    exp.add_argument("--spec", default=None, help="export only the cells of this spec")
+    exp.set_defaults(func=cmd_export)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
 def spec_from_args(args: argparse.Namespace):
     from kvpress.sweep.spec import SweepSpec, load_spec, tomllib
-    from kvpress.sweep.expr import SpecError
+    from kvpress.sweep.spec import SpecError
 
     data: dict[str, Any] = {}
     source = None
@@ -112,7 +121,7 @@ def spec_from_args(args: argparse.Namespace):
 
 def _errors():
     from kvpress.sweep.backends import BackendError
-    from kvpress.sweep.expr import SpecError
+    from kvpress.sweep.spec import SpecError
     from kvpress.sweep.store import StoreError
 
     return (SpecError, StoreError, BackendError)
@@ -183,18 +192,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
+def _spec_keys(spec: str | None) -> list[str] | None:
+    if not spec:
+        return None
+    from kvpress.sweep.cells import plan
+    from kvpress.sweep.spec import load_spec
+
+    return [c.key for c in plan(load_spec(spec)).cells]
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from kvpress.sweep.records import export_records
+
+    try:
+        path = export_records(args.dir, args.out, keys=_spec_keys(args.spec))
+    except _errors() as err:
+        return _fail(err)
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from kvpress.sweep.report import write_report
 
     try:
-        keys = None
-        if args.spec:
-            from kvpress.sweep.cells import plan
-            from kvpress.sweep.spec import load_spec
-
-            keys = [c.key for c in plan(load_spec(args.spec)).cells]
+        keys = _spec_keys(args.spec)
         intro = Path(args.intro).read_text(encoding="utf-8") if args.intro else ""
         files = write_report(args.dir, args.out or f"{args.dir}/report", markdown=args.markdown, keys=keys,
                              title=args.title, intro=intro, readme=args.readme)

@@ -158,7 +158,7 @@ _TEXT_IDS: dict[tuple, Any] = {}
 
 
 def _text_ids(tokenizer, path: str | None, n_tokens: int):
-    from kvpress.eval.perplexity import load_text, tokenize_text
+    from kvpress.eval.text import load_text, tokenize_text
 
     key = (id(tokenizer), path, n_tokens)
     if key not in _TEXT_IDS:
@@ -169,14 +169,14 @@ def _text_ids(tokenizer, path: str | None, n_tokens: int):
 
 
 def _perplexity(model, tokenizer, cell: Cell, env: dict[str, Any]) -> dict[str, Any]:
-    from kvpress.eval.perplexity import evaluate_perplexity
+    from kvpress.eval.perplexity import MODE_OVERRIDES, evaluate_perplexity
 
     p = cell.task_params
     length, n = cell.length, cell.samples
     ids = _text_ids(tokenizer, p["text"], length * n)
     if ids.shape[1] < length * n:
         raise ValueError(f"perplexity: the text has {ids.shape[1]} tokens, fewer than samples x length = {n * length}")
-    overrides = {"every_chunk": True} if p["mode"] == "chunked" else None
+    overrides = MODE_OVERRIDES[p["mode"]]
     samples = []
     nll = tokens = 0.0
     full = full_cache_nbytes(model, length - 1)

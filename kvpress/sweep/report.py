@@ -16,14 +16,20 @@ the same cells give the same report whichever backend or how many runs produced 
 
 from __future__ import annotations
 
-import csv
 import math
 import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from kvpress.eval.report import (ci95, code, draw_heatmap, family, fmt, groups, mean, panels, pct,
+                                 plot_score_vs_bytes, plot_score_vs_ratio, write_csv)
+from kvpress.sweep.records import RecordsFile, open_results
 from kvpress.sweep.store import ResultStore
+
+__all__ = ["load_records", "load_rows", "aggregate", "family", "headline_table", "task_tables", "times_table",
+           "plot_score_vs_ratio", "plot_score_vs_bytes", "plot_needle_heatmaps", "needle_grid", "write_report",
+           "update_readme"]
 
 README_START = "<!-- kvpress-leaderboard:start -->"
 README_END = "<!-- kvpress-leaderboard:end -->"
@@ -37,18 +43,13 @@ TIME_FIELDS = ["model", "task", "mode", "policy", "n_samples", "seconds_per_samp
 # ----------------------------------------------------------------------------------------------------- loading
 
 
-def load_records(store: str | Path | ResultStore, keys: Iterable[str] | None = None) -> list[dict[str, Any]]:
-    """The stored cell records (only ``keys`` when given), in key order."""
-    if not isinstance(store, ResultStore):
-        store = ResultStore.open(store)
+def load_records(store: str | Path | ResultStore | RecordsFile,
+                 keys: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """The stored cell records (only ``keys`` when given), in key order; ``store``: a result store or a records
+    file (:mod:`kvpress.sweep.records`)."""
+    store = open_results(store)
     wanted = None if keys is None else set(keys)
     return [r for r in store.records() if wanted is None or r["key"] in wanted]
-
-
-def family(label: str) -> str:
-    """A configuration's label without its ratio: the line it belongs to in score-vs-ratio plots."""
-    text = re.sub(r"(compression_ratio|ratio)=[0-9.e-]+(, )?", "", label)
-    return text.replace("()", "").replace(", )", ")")
 
 
 def _pool(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -62,9 +63,7 @@ def _pool(records: list[dict[str, Any]]) -> dict[str, Any]:
     elif samples and "score" in samples[0] and not first["task"].startswith("lm_eval:"):
         values = [100.0 * s["score"] for s in samples]
         score = sum(values) / len(values)
-        if len(values) > 1:
-            sd = math.sqrt(sum((v - score) ** 2 for v in values) / (len(values) - 1))
-            ci = 1.96 * sd / math.sqrt(len(values))
+        ci = ci95(values)
     else:
         score = sum(r["score"] * r["n_samples"] for r in records) / max(n, 1)
     fractions = [s["kv_fraction"] for s in samples if s.get("kv_fraction") is not None]
@@ -115,7 +114,8 @@ def aggregate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=_sort_key)
 
 
-def load_rows(store: str | Path | ResultStore, keys: Iterable[str] | None = None) -> list[dict[str, Any]]:
+def load_rows(store: str | Path | ResultStore | RecordsFile,
+              keys: Iterable[str] | None = None) -> list[dict[str, Any]]:
     """:func:`aggregate` of the stored records (only ``keys`` when given)."""
     return aggregate(load_records(store, keys))
 
@@ -123,34 +123,14 @@ def load_rows(store: str | Path | ResultStore, keys: Iterable[str] | None = None
 # ----------------------------------------------------------------------------------------------------- tables
 
 
-def _f(value: Any, digits: int = 1) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def _code(label: str) -> str:
-    """A label as inline code in a Markdown table cell (``|`` escaped so it does not split the cell)."""
-    return "`" + label.replace("|", "\\|") + "`"
-
-
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:g}"
-
-
-def _groups(rows: Sequence[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
-    out: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        out[(row["model"], row["task"], row["mode"])].append(row)
-    return out
 
 
 def task_tables(rows: Sequence[dict[str, Any]]) -> str:
     """One Markdown table per (model, task, mode): score, interval, % of uncompressed, KV held, samples."""
     lines = []
-    for (model, task, mode), members in _groups(rows).items():
+    for (model, task, mode), members in groups(rows).items():
         lower = not members[0]["higher_is_better"]
         what = f"{members[0]['metric']}, lower is better" if lower else f"{members[0]['metric']} x100"
         lines += ["", f"### {task}" + (f" ({mode})" if mode else "") + f" — {model}", "",
@@ -159,8 +139,8 @@ def task_tables(rows: Sequence[dict[str, Any]]) -> str:
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in members:
             lines.append(
-                f"| {_code(r['policy'])} | {_ratio(r['ratio'])} | {_f(r['score'], 2 if lower else 1)} | {_f(r['ci95'])} "
-                f"| {_f(r['pct_of_full'])} | {_pct(r['kv_fraction'])} | {_f(r['kv_mib'], 2)} | {r['n_samples']} "
+                f"| {code(r['policy'])} | {_ratio(r['ratio'])} | {fmt(r['score'], 2 if lower else 1)} | {fmt(r['ci95'])} "
+                f"| {fmt(r['pct_of_full'])} | {pct(r['kv_fraction'])} | {fmt(r['kv_mib'], 2)} | {r['n_samples']} "
                 f"| {r['empty_answers'] if not lower else '-'} |"
             )
     return "\n".join(lines).lstrip("\n")
@@ -188,153 +168,45 @@ def headline_table(rows: Sequence[dict[str, Any]]) -> str:
         head += " ppl: peak KV held % |" if ppl else ""
         lines += [head, "|---|" + "---:|" * ((len(ratios) + 1) * (2 if ppl else 1))]
         for fam in ratio_fams:
-            cells = [_mean([r["pct_of_full"] for r in acc if r["family"] == fam and r["ratio"] == x]) for x in ratios]
-            pcells = [_mean([r["pct_of_full"] for r in ppl if r["family"] == fam and r["ratio"] == x]) for x in ratios]
+            cells = [mean([r["pct_of_full"] for r in acc if r["family"] == fam and r["ratio"] == x]) for x in ratios]
+            pcells = [mean([r["pct_of_full"] for r in ppl if r["family"] == fam and r["ratio"] == x]) for x in ratios]
             # Accuracy tasks hold the compressed context; chunked perplexity reports its peak: never averaged together.
             held_text = _held_per_ratio(acc or rows, fam, ratios)
-            lines.append(f"| {_code(fam)} | " + " | ".join(_f(c) for c in cells)
-                         + (" | " + " | ".join(_f(c) for c in pcells) if ppl else "") + f" | {held_text} |"
+            lines.append(f"| {code(fam)} | " + " | ".join(fmt(c) for c in cells)
+                         + (" | " + " | ".join(fmt(c) for c in pcells) if ppl else "") + f" | {held_text} |"
                          + (f" {_held_per_ratio(ppl, fam, ratios)} |" if ppl else ""))
     fixed = [f for f in fam_order if f not in ratio_fams]
     if fixed:
         lines += ["", "| configuration | % of full (accuracy) | % of full (perplexity) | KV held % | ppl: peak KV held % |",
                   "|---|---:|---:|---:|---:|"]
         for fam in fixed:
-            held = _mean([r["kv_fraction"] for r in acc or rows if r["family"] == fam])
-            peak = _mean([r["kv_fraction"] for r in ppl if r["family"] == fam])
-            lines.append(f"| {_code(fam)} | {_f(_mean([r['pct_of_full'] for r in acc if r['family'] == fam]))} | "
-                         f"{_f(_mean([r['pct_of_full'] for r in ppl if r['family'] == fam]))} | "
-                         f"{_pct(held)} | {_pct(peak)} |")
+            held = mean([r["kv_fraction"] for r in acc or rows if r["family"] == fam])
+            peak = mean([r["kv_fraction"] for r in ppl if r["family"] == fam])
+            lines.append(f"| {code(fam)} | {fmt(mean([r['pct_of_full'] for r in acc if r['family'] == fam]))} | "
+                         f"{fmt(mean([r['pct_of_full'] for r in ppl if r['family'] == fam]))} | "
+                         f"{pct(held)} | {pct(peak)} |")
     full_scores = [r for r in rows if r["policy"] == "none"]
     if full_scores:
         lines += ["", "Uncompressed: " + ", ".join(
-            f"{r['task']} {_f(r['score'], 2 if not r['higher_is_better'] else 1)}" for r in full_scores) + "."]
+            f"{r['task']} {fmt(r['score'], 2 if not r['higher_is_better'] else 1)}" for r in full_scores) + "."]
     return "\n".join(lines)
-
-
-def _mean(values: Sequence[float | None]) -> float | None:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
-
-
-def _pct(fraction: float | None, digits: int = 1) -> str:
-    return _f(None if fraction is None else 100 * fraction, digits)
 
 
 def _held_per_ratio(rows: Sequence[dict[str, Any]], family: str, ratios: list[float]) -> str:
     """``"76 / 50 / 25"``: mean % of the uncompressed cache's bytes held by ``family`` at each ratio."""
-    return " / ".join(_pct(_mean([r["kv_fraction"] for r in rows if r["family"] == family and r["ratio"] == x]), 0)
+    return " / ".join(pct(mean([r["kv_fraction"] for r in rows if r["family"] == family and r["ratio"] == x]), 0)
                       for x in ratios)
 
 
 def times_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| task | policy | s/sample | prefill s/sample | decode s/sample |", "|---|---|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['task']} | {_code(r['policy'])} | {_f(r['seconds_per_sample'], 2)} | "
-                     f"{_f(r['prefill_seconds_per_sample'], 2)} | {_f(r['decode_seconds_per_sample'], 2)} |")
+        lines.append(f"| {r['task']} | {code(r['policy'])} | {fmt(r['seconds_per_sample'], 2)} | "
+                     f"{fmt(r['prefill_seconds_per_sample'], 2)} | {fmt(r['decode_seconds_per_sample'], 2)} |")
     return "\n".join(lines)
 
 
-def write_csv(path: Path, rows: Sequence[dict[str, Any]], fields: list[str]) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields, lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (round(row[k], 6) if isinstance(row[k], float) else row[k]) for k in fields})
-    return path
-
-
 # ----------------------------------------------------------------------------------------------------- plots
-
-
-def _figure(**kwargs):
-    from matplotlib.figure import Figure  # a bare Figure renders with the Agg canvas; pyplot is never imported
-
-    return Figure(**kwargs)
-
-
-def _panels(n: int, width: float = 5.0, height: float = 3.6, **kwargs):
-    cols = min(n, 3)
-    rows = math.ceil(n / cols)
-    fig = _figure(figsize=(width * cols, height * rows))
-    axes = fig.subplots(rows, cols, squeeze=False, **kwargs)
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
-    return fig, list(axes.flat)
-
-
-def _ylabel(row: dict[str, Any]) -> str:
-    if not row["higher_is_better"]:
-        return f"{row['metric']} (lower is better)"
-    return f"score ({row['metric']})" if row["metric"] in ("all", "part") else row["metric"]
-
-
-def _title(key: tuple) -> str:
-    model, task, mode = key
-    return task + (f" ({mode})" if mode and mode != "query-agnostic" else "")
-
-
-def plot_score_vs_ratio(rows: Sequence[dict[str, Any]]):
-    """Score vs compression ratio, one line per policy family and one panel per task; uncompressed dashed."""
-    groups = _groups(rows)
-    fig, axes = _panels(max(1, len(groups)))
-    for ax, (key, members) in zip(axes, groups.items()):
-        lines: dict[str, list[tuple[float, float]]] = defaultdict(list)
-        for r in members:
-            if r["ratio"] is not None and r["policy"] != "none":
-                lines[r["family"]].append((r["ratio"], r["score"]))
-        for fam, points in lines.items():
-            points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=fam)
-        for r in members:
-            if r["policy"] == "none":
-                ax.axhline(r["score"], linestyle="--", color="gray", label=f"uncompressed ({r['score']:.1f})")
-        ax.set_title(_title(key), fontsize=10)
-        ax.set_xlabel("compression ratio (fraction of tokens evicted)")
-        ax.set_ylabel(_ylabel(members[0]))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def pareto_front(points: Sequence[tuple[float, float]], higher_is_better: bool = True) -> list[tuple[float, float]]:
-    """The points no other point beats on both bytes held (fewer) and score (better), sorted by bytes."""
-    front: list[tuple[float, float]] = []
-    best = -math.inf
-    for x, y in sorted(points, key=lambda p: (p[0], -p[1] if higher_is_better else p[1])):
-        value = y if higher_is_better else -y
-        if value > best:
-            front.append((x, y))
-            best = value
-    return front
-
-
-def plot_score_vs_bytes(rows: Sequence[dict[str, Any]]):
-    """Score vs KV bytes held (fraction of the uncompressed cache): every configuration, eviction and quantization
-    together, one colour per family, and the Pareto front, one panel per task."""
-    groups = _groups(rows)
-    fig, axes = _panels(max(1, len(groups)))
-    families = sorted({r["family"] for r in rows})
-    colours = {f: f"C{i % 10}" for i, f in enumerate(families)}
-    for ax, (key, members) in zip(axes, groups.items()):
-        points = [(r["kv_fraction"], r["score"]) for r in members if r["kv_fraction"] is not None]
-        for fam in families:
-            mine = [(r["kv_fraction"], r["score"]) for r in members if r["family"] == fam and r["kv_fraction"] is not None]
-            if mine:
-                ax.scatter([p[0] for p in mine], [p[1] for p in mine], color=colours[fam], label=fam, s=22, zorder=3)
-        front = pareto_front(points, members[0]["higher_is_better"])
-        if front:
-            front.append((max(p[0] for p in points), front[-1][1]))  # the front holds up to the largest cache
-            ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", alpha=0.5,
-                    linewidth=1, label="Pareto front", zorder=2)
-        ax.set_title(_title(key), fontsize=10)
-        ax.set_xlabel("KV bytes held / uncompressed")
-        ax.set_ylabel(_ylabel(members[0]))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    return fig
 
 
 def _depth_bin(value: float) -> float:
@@ -370,19 +242,13 @@ def heatmap_policies(records: Sequence[dict[str, Any]], task: str, ratio: float 
 def plot_needle_heatmaps(records: Sequence[dict[str, Any]], task: str, ratio: float = 0.5):
     """Needle depth x context length heat maps of ``task``: one panel per policy (see :func:`heatmap_policies`)."""
     policies = [p for p in heatmap_policies(records, task, ratio) if needle_grid(records, task, p)]
-    fig, axes = _panels(max(1, len(policies)), width=3.6, height=3.0)
+    fig, axes = panels(max(1, len(policies)), width=3.6, height=3.0)
     for ax, policy in zip(axes, policies):
         grid = needle_grid(records, task, policy)
         depths = sorted(grid)
         lengths = sorted({n for row in grid.values() for n in row})
         values = [[grid[d].get(n) for n in lengths] for d in depths]
-        data = [[float("nan") if v is None else v for v in row] for row in values]
-        ax.imshow(data, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
-        for i, row in enumerate(values):
-            for j, v in enumerate(row):
-                ax.text(j, i, "-" if v is None else f"{v:.0f}", ha="center", va="center", fontsize=8)
-        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        draw_heatmap(ax, values, [f"{d:.0%}" for d in depths], [str(n) for n in lengths], fontsize=8)
         ax.set_xlabel("context length (tokens)", fontsize=8)
         ax.set_ylabel("needle depth", fontsize=8)
         ax.set_title(policy if len(policy) < 40 else policy[:38] + "…", fontsize=8)
@@ -394,14 +260,14 @@ def plot_needle_heatmaps(records: Sequence[dict[str, Any]], task: str, ratio: fl
 # ----------------------------------------------------------------------------------------------------- writing
 
 
-def write_report(store: str | Path | ResultStore, out_dir: str | Path, *, markdown: str | Path | None = None,
-                 keys: Iterable[str] | None = None, title: str | None = None, intro: str = "",
-                 readme: str | Path | None = None, plots: bool = True) -> list[Path]:
-    """Write the report of ``store`` (only ``keys`` when given) into ``out_dir``; ``markdown`` puts the Markdown
-    elsewhere (image links relative to it). ``readme``: replace the block between ``README_START`` and
-    ``README_END`` in that file with the headline table. Returns the files written."""
-    if not isinstance(store, ResultStore):
-        store = ResultStore.open(store)
+def write_report(store: str | Path | ResultStore | RecordsFile, out_dir: str | Path, *,
+                 markdown: str | Path | None = None, keys: Iterable[str] | None = None, title: str | None = None,
+                 intro: str = "", readme: str | Path | None = None, plots: bool = True) -> list[Path]:
+    """Write the report of ``store`` (a result store or a records file; only ``keys`` when given) into
+    ``out_dir``; ``markdown`` puts the Markdown elsewhere (image links relative to it). ``readme``: replace the
+    block between ``README_START`` and ``README_END`` in that file with the headline table. Returns the files
+    written. The same records give the same report, byte for byte (times included), from a store or its export."""
+    store = open_results(store)
     records = load_records(store, keys)
     if not records:
         raise ValueError(f"{store.root}: no finished cells to report")

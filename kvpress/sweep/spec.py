@@ -4,7 +4,7 @@
     models   = ["smollm2-135m"]                       # embedded names, local directories or hub ids
     tasks    = ["niah_single_noise", "perplexity", "lm_eval:kvpress_niah_choice"]
     policies = ["*", "snapkv(window=[16, 32])", "kvquant(bits=[2, 4])", "snapkv | kvquant(bits=2)"]
-    ratios   = [0.25, 0.5, 0.75]                      # for every policy a ratio reaches (see kvpress.sweep.expr)
+    ratios   = [0.25, 0.5, 0.75]                      # for every policy a ratio reaches (see kvpress.policies.expr)
     baseline = true                                   # the uncompressed run ("none"), once
     lengths  = [1024]                                 # tokens: prompt + answer budget; perplexity: tokens scored
     depths   = [0.0, 0.5, 1.0]                        # needle tasks only (default: drawn per sample)
@@ -28,7 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvpress.sweep.expr import BASELINE, PolicyConfig, SpecError, check_builds, expand, parse
+from kvpress.policies.expr import BASELINE, ExpressionError, PolicyConfig, check_builds, expand, parse
+
+# Every bad specification (a policy expression included) raises this, naming the offending key.
+SpecError = ExpressionError
 
 if sys.version_info >= (3, 11):
     import tomllib

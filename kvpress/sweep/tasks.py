@@ -7,7 +7,7 @@ Three kinds, all offline:
   ``lengths`` are prompt + answer budgets in tokens; ``depths`` place the needle (needle tasks only); ``modes``.
 * **perplexity**: teacher forcing through the cache (:func:`kvpress.eval.perplexity.evaluate_perplexity`) on
   ``samples`` disjoint windows of ``lengths`` tokens of a text. Parameters: ``mode`` (``"chunked"`` or
-  ``"token"``), ``chunk_size``, ``prefill`` (token mode), ``text`` (a UTF-8 file; default the standard
+  ``"token"``), ``chunk_size``, ``prefill`` (a first piece, either mode), ``text`` (a UTF-8 file; default the standard
   library's pydoc topics). In chunked mode, stages that take ``every_chunk`` get ``every_chunk=True``.
   Score: perplexity (lower is better).
 * **lm-eval** (``lm_eval:<task>``, the offline task YAMLs in ``kvpress/eval/lm_eval_tasks``): run through
@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from kvpress.sweep.expr import SpecError
+from kvpress.policies.expr import ExpressionError as SpecError  # the sweep's error (kvpress.sweep.SpecError)
 
 PERPLEXITY = "perplexity"
 LM_EVAL_PREFIX = "lm_eval:"
@@ -104,7 +104,7 @@ def _sha256_file(path: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def default_text_sha256() -> str:
-    from kvpress.eval.perplexity import default_text
+    from kvpress.eval.text import default_text
 
     return hashlib.sha256(default_text().encode("utf-8")).hexdigest()
 

@@ -6,7 +6,6 @@ import bisect
 import functools
 import random
 import re
-from pathlib import Path
 from typing import Sequence
 
 from kvpress.eval.tasks.words import ADJECTIVES, NOUNS
@@ -52,12 +51,9 @@ def split_sentences(text: str, min_chars: int = 20, max_chars: int = 250) -> lis
 @functools.lru_cache(maxsize=4)
 def prose_sentences(path: str | None = None) -> tuple[str, ...]:
     """Sentences of a text file, or of the Python documentation topics shipped with the standard library."""
-    if path is None:
-        from pydoc_data.topics import topics
+    from kvpress.eval.text import load_text
 
-        text = "\n".join(topics[name] for name in sorted(topics))
-    else:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    text, _ = load_text(path)  # split_sentences normalises whitespace: the topics' separator does not matter
     sentences = split_sentences(text)
     # Prose that talks about magic numbers would be a needle itself.
     sentences = [s for s in sentences if "magic number" not in s.lower()]

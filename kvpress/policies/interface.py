@@ -1,14 +1,73 @@
-"""Composition: eviction stages plus at most one storage (e.g. a quantizer), written ``a | b``."""
+"""The policy interface and its composition: :class:`Policy` decides, per layer and KV head, which cached tokens
+stay; ``a | b`` composes policies (and at most one storage spec, e.g. a quantizer) into a :class:`Pipeline`.
+One module, so that the operator and the class it builds do not import each other."""
 
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
 
 import torch
 
 from kvpress.context import ForwardContext, LayerContext
-from kvpress.policies.base import Policy
+
+# The parameters through which a policy is sized (how much it keeps); everything else says how it scores.
+SIZE_PARAMETERS: tuple[str, ...] = ("compression_ratio", "budget")
+
+
+class Policy(ABC):
+    """An eviction policy. Implement :meth:`select`; everything else is optional.
+
+    ``select`` is called for every compressible layer after attention ran in a forward pass, with a
+    :class:`~kvpress.context.LayerContext` (``ctx.phase`` says prefill / extend / decode). It returns a keep
+    mask ``[batch, kv_heads, seq]`` (bool over the cached slots) or ``None`` to keep everything. Heads may keep
+    different numbers of tokens: the cache then switches that layer to ragged storage (no padding held).
+    """
+
+    name: ClassVar[str] = "policy"
+    # True: after eviction, attend at positions within the cache (see kvpress.reposition), not the original ones.
+    reposition: bool = False
+    # True: heads keep different numbers of tokens by design, which saves memory only in ragged storage.
+    needs_ragged: ClassVar[bool] = False
+    # True: attention computes ctx.attention_mass (per-slot attention received) along with its output.
+    wants_attention_mass: bool = False
+    # The parameters that say how much the policy keeps (a shared ratio reaches a stage that sets none of them).
+    size_parameters: ClassVar[tuple[str, ...]] = SIZE_PARAMETERS
+
+    @abstractmethod
+    def select(self, ctx: LayerContext) -> torch.Tensor | None: ...
+
+    def acts_at(self, phase: str) -> bool:
+        """Whether :meth:`select` can do anything in a forward of this ``phase`` (prefill / extend / decode).
+        ``False`` lets the patch skip the policy entirely in that phase (no context built, nothing called): a
+        policy that only compresses the prompt then costs nothing per decode step. Default: always acts."""
+        return True
+
+    def attach(self, model: Any) -> None:
+        """Called once by :func:`kvpress.patch` with the model, before any forward: a policy that needs the model
+        (a predictor trained for it) loads and checks what it needs here; the default does nothing."""
+
+    def after_forward(self, fwd: ForwardContext) -> None:
+        """Called once the whole model finished a forward (after every layer's :meth:`select`), with a handle
+        that can run extra forwards on the cache. Policies that need the whole model (KVzip's context
+        reconstruction) evict here; the default does nothing."""
+
+    def max_held(self) -> int | None:
+        """The most tokens any head holds under this policy, whatever the stream's length, or ``None`` if
+        unbounded (a ratio scales with the prompt). Compositions use it to check that a quantizer can act."""
+        return None
+
+    def params(self) -> dict[str, Any]:
+        """Parameters that identify this configuration (for reports and result files)."""
+        return {}
+
+    def __or__(self, other: Any) -> "Pipeline":
+        return Pipeline(self, other)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({args})"
 
 
 def is_storage_spec(obj: Any) -> bool:
