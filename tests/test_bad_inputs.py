@@ -29,8 +29,7 @@ from kvpress.policies.learned import Learned
 from kvpress.quant import KVQuant
 from kvpress.scorer.predictor import ScorePredictor, load_predictor, model_signature
 from kvpress.scorer.train import TrainConfig
-from kvpress.sweep.spec import SpecError
-from kvpress.sweep.spec import load_spec
+from kvpress.sweep.spec import SpecError, load_spec
 from tiny_models import tiny_model
 
 LAYERS, HIDDEN, KV_HEADS = 2, 64, 2  # the tiny llama of tests/tiny_models.py
@@ -111,7 +110,6 @@ API_CASES: list[tuple[str, Callable[[], Any], type | tuple, str]] = [
     ("decoding-policy", lambda: DecodingBudget(StreamingLLM(), budget=8), ValueError, "policy"),
     ("duo-sparsity", lambda: DuoAttention(pattern=torch.rand(2, 2), sparsity=1.5), ValueError, "sparsity"),
     ("duo-threshold", lambda: DuoAttention(pattern=torch.rand(2, 2), threshold=-0.5), ValueError, "threshold"),
-    ("duo-no-sparsity", lambda: DuoAttention(pattern=torch.rand(2, 2), sparsity=None), ValueError, "sparsity"),
     ("duo-n_sink", lambda: DuoAttention(pattern=torch.rand(2, 2), n_sink=-1), ValueError, "n_sink"),
     ("duo-window", lambda: DuoAttention(pattern=torch.rand(2, 2), window=0), ValueError, "window"),
     ("duo-pattern-int", lambda: DuoAttention(pattern=3), ValueError, "pattern"),
