@@ -93,7 +93,7 @@ def random_duo_pattern(model) -> Any:
 
 def prose_ids(tokenizer, length: int) -> torch.Tensor:
     """``[1, length]`` token ids of the standard library's pydoc prose (offline, identical on every machine)."""
-    from kvpress.eval.perplexity import default_text
+    from kvpress.eval.text import default_text
 
     ids = tokenizer(default_text()[: length * 8], add_special_tokens=False, return_tensors="pt").input_ids
     if ids.shape[1] < length:

@@ -61,7 +61,7 @@ FAST_PATH_CONFIGS = [
 
 @pytest.mark.parametrize("expression", FAST_PATH_CONFIGS)
 def test_generation_through_cpu_fast_paths_equals_torch_and_materialised(smollm2, monkeypatch, expression):
-    from kvpress.eval.perplexity import default_text
+    from kvpress.eval.text import default_text
     from kvpress.kernels import cpu_decode
     from kvpress.policies.expr import expand
 
