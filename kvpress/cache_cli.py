@@ -121,7 +121,9 @@ def run_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def answer_from_cache(model, tokenizer, cache, question: str, max_new_tokens: int, policy: Any = None) -> tuple[str, float]:
+def answer_from_cache(
+    model, tokenizer, cache, question: str, max_new_tokens: int, policy: Any = None
+) -> tuple[str, float]:
     """Greedy answer to ``question`` continuing ``cache`` (a loaded file: the question is appended with the
     file's suffix template) under ``policy``; returns the text and the seconds to the first token."""
     import torch

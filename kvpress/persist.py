@@ -186,8 +186,8 @@ def save_cache(
 
     Args:
         model: the model the cache belongs to (default: the one whose ``kvpress.patch`` built the cache).
-        policy: the policy expression that built the cache (e.g. ``"learned(compression_ratio=0.5) | kvquant(bits=4)"``),
-            recorded for ``kvpress cache info`` and to continue under the same policy; default: the cache's own
+        policy: the policy expression that built the cache (e.g.
+            ``"learned(compression_ratio=0.5) | kvquant(bits=4)"``), recorded for ``kvpress cache info`` and to continue under the same policy; default: the cache's own
             ``policy_expression`` if set.
         prompt_tokens: tokens of the prompt the cache holds (default: tokens seen by the cache).
         extra: further JSON-able metadata (e.g. how the CLI formatted the prompt).
@@ -217,7 +217,8 @@ def save_cache(
             entry["policy_state"] = _encode(layer.policy_state, raw, prefix + "policy")
             seen = max(seen, layer.seen_tokens)
         else:
-            entry = {"kind": "transformers", "class": type(layer).__name__, "attributes": _layer_attributes(layer, raw, prefix)}
+            attributes = _layer_attributes(layer, raw, prefix)
+            entry = {"kind": "transformers", "class": type(layer).__name__, "attributes": attributes}
         layers.append(entry)
     header = {
         "format": FORMAT,
@@ -225,7 +226,7 @@ def save_cache(
         "kvpress_version": __version__,
         "model": _signature_of(cache, model),
         "policy": policy if policy is not None else getattr(cache, "policy_expression", None),
-        "prompt_tokens": int(prompt_tokens if prompt_tokens is not None else getattr(cache, "prompt_tokens", None) or seen),
+        "prompt_tokens": int(prompt_tokens if prompt_tokens is not None else cache.prompt_tokens or seen),
         "tokens_seen": seen,
         "layers": layers,
         "model_state": _encode(cache.model_state, raw, "model_state"),
@@ -313,7 +314,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]
     except json.JSONDecodeError as err:
         raise CacheFileError(f"{path}: corrupted kvpress metadata ({err})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CacheFileError(f"{path}: not a kvpress cache (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise CacheFileError(f"{path}: not a kvpress cache (format {found!r})")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise CacheFileError(
@@ -392,7 +394,8 @@ def load_cache(path: str | os.PathLike, model: Any, *, device: str | torch.devic
             prefix = f"layers.{idx}."
             if entry["kind"] == "compressed":
                 if not isinstance(layer, CompressedLayer):
-                    raise CacheFileError(f"{path}: layer {idx} was saved compressed, the model's is {type(layer).__name__}")
+                    raise CacheFileError(f"{path}: layer {idx} was saved compressed, the model's is "
+                                         f"{type(layer).__name__}")  # fmt: skip
                 _restore_compressed(layer, entry, tensors, prefix, target)
                 spec = getattr(layer.storage, "spec", None)
                 if factory is None and spec is not None and hasattr(spec, "create_storage"):

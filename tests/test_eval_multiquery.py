@@ -80,3 +80,25 @@ def test_records_and_per_question_table(setup):
     assert all(r["n"] == 1 and set(r) >= {"q1", "q2", "q3", "mean"} for r in rows)
     table = markdown_table(rows, 3)
     assert "| q1 | q2 | q3 | mean |" in table and "snapkv" in table
+
+
+def test_eval_cli_queries_writes_a_per_question_table(setup, tmp_path, capsys):
+    import json
+
+    from kvpress.cli import main
+
+    model, tok, _, _ = setup
+    model_dir = tmp_path / "tiny"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    out = tmp_path / "run"
+    assert main(["eval", "niah_multikey_prose", "--queries", "2", "--model", str(model_dir), "--lengths", "1200",
+                 "--samples", "1", "--policy", "snapkv | kvquant(bits=4, group_size=8)", "--compression-ratio", "0.5",
+                 "--turns", "clone", "--no-progress", "--out", str(out)]) == 0  # fmt: skip
+    rows = json.loads((out / "metrics.json").read_text())
+    assert [(r["config"], r["turns"]) for r in rows] == [
+        ("none", "clone"), ("snapkv(compression_ratio=0.5) | kvquant(bits=4, group_size=8)", "clone")]
+    assert "| q1 | q2 | mean |" in (out / "summary.md").read_text()
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 2 * 2
+    with pytest.raises(ValueError, match="needs a needle task"):
+        main(["eval", "vt", "--queries", "2", "--model", str(model_dir), "--out", str(tmp_path / "x")])

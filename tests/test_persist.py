@@ -313,3 +313,18 @@ def test_unsavable_policy_memory_names_the_entry(tmp_path):
     with pytest.raises(TypeError, match="model_state.odd"):
         cache.save(tmp_path / "x.kvc")
     assert not (tmp_path / "x.kvc").exists()
+
+
+def test_generate_continues_from_a_loaded_cache(tmp_path):
+    """``model.generate(context + question, cache=loaded)`` feeds only the question, as for the in-memory cache."""
+    model = tiny_model("llama")
+    policy = SnapKV(compression_ratio=0.5)
+    context, question = _ids(50, 10), _ids(6, 11)
+    cache = _prefill(model, policy, context)
+    cache.save(tmp_path / "g.kvc")
+    loaded = kvpress.load_cache(tmp_path / "g.kvc", model)
+    full = torch.cat([context, question], 1)
+    with kvpress.patch(model, policy):
+        expected = model.generate(full, **cache_kwargs(model, cache), max_new_tokens=8, do_sample=False)
+        got = model.generate(full, **cache_kwargs(model, loaded), max_new_tokens=8, do_sample=False)
+    assert torch.equal(got, expected)

@@ -158,7 +158,8 @@ def answer_questions(model, tokenizer, policy: Any, cache, sample: MultiSample, 
                 work, ids = cache.clone(), q.suffix_ids
             else:
                 work = cache
-                ids = q.suffix_ids if i == 0 else pending + tokenizer(q.turn_text, add_special_tokens=False)["input_ids"]
+                turn = tokenizer(q.turn_text, add_special_tokens=False)["input_ids"]
+                ids = q.suffix_ids if i == 0 else pending + turn
             logits = forward_last(model, ids, work)
             tokens = greedy_decode(model, work, logits, sample.max_new_tokens, stop_ids)
             pending = tokens[-1:] if len(tokens) == sample.max_new_tokens else []
@@ -212,7 +213,8 @@ def per_question_table(records: Sequence[dict[str, Any]], k: int) -> list[dict[s
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], k: int) -> str:
-    head = "| configuration | first forward | answers | n | " + " | ".join(f"q{q}" for q in range(1, k + 1)) + " | mean |"
+    questions = " | ".join(f"q{q}" for q in range(1, k + 1))
+    head = f"| configuration | first forward | answers | n | {questions} | mean |"
     lines = [head, "|---|---|---|---:|" + "---:|" * (k + 1)]
     for r in rows:
         cells = " | ".join(f"{r[f'q{q}']:.1f}" for q in range(1, k + 1))
