@@ -132,6 +132,31 @@ def plot(ttft: list[dict], rows: list[dict], k: int, out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
+def report(result: dict) -> str:
+    """The markdown tables of a result (``--report``: from a saved JSON, no model run)."""
+    full = next(r for r in result["ttft"] if r["config"] == "none")
+    lines = [
+        f"{result['model']}, {result['context_tokens']:,}-token context ({result['task']} sample 0), "
+        f"{result['threads']} thread(s), median of {result['reps']}; the context's text is "
+        f"{result['text_bytes']:,} bytes (UTF-8).",
+        "",
+        "| configuration | TTFT from text (s) | TTFT from file (s) | file / full prefill TTFT | file bytes | "
+        "/ fp32 cache | / fp16 cache | / text |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["ttft"]:
+        lines.append(
+            f"| `{r['config'].replace('|', chr(92) + '|')}` | {r['text_seconds']:.1f} | {r['file_seconds']:.2f} | "
+            f"{r['file_seconds'] / full['text_seconds']:.3f} | {r['file_bytes']:,} | "
+            f"{r['file_bytes'] / r['full_fp32_bytes']:.3f} | {r['file_bytes'] / r['full_fp16_bytes']:.3f} | "
+            f"{r['file_bytes'] / result['text_bytes']:.0f}x |"
+        )
+    rows = result.get("per_question") or per_question_table(result["accuracy"], result["queries"])
+    if rows:
+        lines += ["", markdown_table(rows, result["queries"])]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -144,7 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/reuse.json"))
+    p.add_argument("--report", action="store_true", help="print the tables (and redraw the plot) of --out, run nothing")
     args = p.parse_args(argv)
+    if args.report:
+        result = json.loads(args.out.read_text(encoding="utf-8"))
+        print(report(result))
+        rows = result.get("per_question") or per_question_table(result["accuracy"], result["queries"])
+        if rows:
+            plot(result["ttft"], rows, result["queries"], args.out.with_suffix(".png"))
+        return 0
     torch.set_num_threads(args.threads)
     model, tokenizer = kvpress.load_model(args.model)
     task = needle_task(get_task(args.task), args.queries)
@@ -183,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = per_question_table(result["accuracy"], args.queries)
         result["per_question"] = rows
         save()
-        print(markdown_table(rows, args.queries))
+        print(report(result))
         plot(result["ttft"], rows, args.queries, args.out.with_suffix(".png"))
     return 0
 

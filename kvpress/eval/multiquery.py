@@ -218,7 +218,8 @@ def markdown_table(rows: Sequence[dict[str, Any]], k: int) -> str:
     lines = [head, "|---|---|---|---:|" + "---:|" * (k + 1)]
     for r in rows:
         cells = " | ".join(f"{r[f'q{q}']:.1f}" for q in range(1, k + 1))
-        lines.append(f"| `{r['config']}` | {r['mode']} | {r['turns']} | {r['n']} | {cells} | {r['mean']:.1f} |")
+        label = r["config"].replace("|", "\\|")  # a pipeline's `|` inside a markdown table cell
+        lines.append(f"| `{label}` | {r['mode']} | {r['turns']} | {r['n']} | {cells} | {r['mean']:.1f} |")
     return "\n".join(lines)
 
 
