@@ -11,6 +11,7 @@ from kvpress.cache import CompressedLayer, KVPressCache, LayerReport
 from kvpress.compat import cache_argument, cache_kwargs, output_cache
 from kvpress.context import LayerContext
 from kvpress.models import DEFAULT_MODEL, load_model
+from kvpress.persist import CacheFileError, load_cache
 from kvpress.patching import SUPPORTED_ATTENTION, SUPPORTED_MODEL_TYPES, PatchSession, patch
 from kvpress.policies import (
     H2O,
@@ -54,6 +55,8 @@ __all__ = [
     "DecodingBudget",
     "KVQuant",
     "get_policy",
+    "load_cache",
+    "CacheFileError",
     "cache_argument",
     "cache_kwargs",
     "output_cache",

@@ -212,6 +212,15 @@ class KVPressCache(Cache):
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs))
         super().__init__(layers=layers)
         self.model_state: dict[str, Any] = {}  # memory a policy keeps across layers (e.g. a global budget)
+        # What a saved file records (kvpress.persist): the model's architecture, the model itself when known
+        # (a weak reference set by kvpress.patch), and optionally the policy expression and prompt length.
+        from kvpress.persist import config_signature
+
+        self.config_signature = config_signature(config)
+        self.source_model: Any = None
+        self.policy_expression: str | None = None
+        self.prompt_tokens: int | None = None
+        self.extra: dict[str, Any] = {}
 
     @property
     def compressed_layers(self) -> list[int]:
@@ -290,6 +299,14 @@ class KVPressCache(Cache):
         """Shallow copies of the layers kvpress leaves to transformers (their tensors are replaced, not written,
         on update), to restore with :meth:`truncate` after forwards that must leave no trace."""
         return {i: copy.copy(layer) for i, layer in enumerate(self.layers) if not isinstance(layer, CompressedLayer)}
+
+    def save(self, path: Any, **kwargs: Any) -> int:
+        """Write this cache to ``path`` (safetensors; see :func:`kvpress.persist.save_cache` for the keyword
+        arguments: ``model``, ``policy``, ``prompt_tokens``, ``extra``); returns the file's bytes. Read it back
+        with :func:`kvpress.load_cache`."""
+        from kvpress.persist import save_cache
+
+        return save_cache(self, path, **kwargs)
 
     def clone(self) -> "KVPressCache":
         """A deep copy: fan one prefill out to several compression settings.

@@ -16,7 +16,7 @@ import sys
 # Modules that register sub-commands; a module missing its optional dependencies is skipped with a note.
 _COMMAND_MODULES = (
     "kvpress.demo", "kvpress.eval.cli", "kvpress.eval.perplexity_cli", "kvpress.scorer.cli", "kvpress.sweep.cli",
-    "kvpress.duo.cli",
+    "kvpress.duo.cli", "kvpress.cache_cli",
 )
 
 

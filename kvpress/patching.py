@@ -127,7 +127,9 @@ class PatchSession:
     def new_cache(self) -> KVPressCache:
         """An empty compressed cache for this model and policy, to pass to the model as its cache argument
         (``model(ids, **kvpress.cache_kwargs(model, cache))``; ``cache=`` on transformers >= 5.24)."""
-        return KVPressCache(self.model.config, self.storage_factory)
+        cache = KVPressCache(self.model.config, self.storage_factory)
+        cache.source_model = weakref.ref(self.model)
+        return cache
 
     # -- hooks -----------------------------------------------------------------------------------------------
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

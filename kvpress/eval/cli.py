@@ -4,6 +4,10 @@
     kvpress eval niah_single_noise --policy snapkv --compression-ratio 0.25 0.5 0.75 --lengths 1024 --samples 5
     kvpress eval niah-grid --haystack prose --lengths 512 1024 2048 --depths 0 0.25 0.5 0.75 1
     kvpress eval vt --policy snapkv streaming_llm --compression-ratio 0.5 --mode query-aware
+    kvpress eval niah_multikey_prose --queries 4 --policy "learned(compression_ratio=0.5) | kvquant(bits=4)"
+
+``--queries K``: K questions about one context, answered from one compressed cache (kvpress/eval/multiquery.py);
+policies may then be expressions (``"snapkv | kvquant(bits=4)"``), scores are reported per question index.
 
 Each run writes a directory (``--out``, default ``runs/<task>-<time>``) with samples.jsonl, metrics.json,
 summary.csv, summary.md, config.json and plots; see kvpress/eval/README.md.
@@ -96,6 +100,11 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--no-baseline", action="store_true", help="skip the uncompressed reference run")
     p.add_argument("--no-fanout", action="store_true", help="prefill separately for every ratio (slower)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--queries", type=int, default=None, metavar="K",
+                   help="K questions about one context from one compressed cache (needle tasks), scored per "
+                   "question index")
+    p.add_argument("--turns", nargs="+", choices=("clone", "multi-turn"), default=["clone", "multi-turn"],
+                   help="--queries: each question from a clone of the compressed context, and/or as a conversation")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)
 
@@ -162,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = resolve(args)
     task = get_task(cfg["task"], haystack_file=cfg["haystack_file"])  # fail on a bad name before loading a model
+    if args.queries is not None:
+        return run_queries(args, cfg, task)
     import torch
     import transformers
 
@@ -186,4 +197,56 @@ def run(args: argparse.Namespace) -> int:
     )
     print((result.out_dir / "summary.md").read_text(encoding="utf-8"))
     print(f"results in {result.out_dir}/: " + ", ".join(f.name for f in result.files))
+    return 0
+
+
+def run_queries(args: argparse.Namespace, cfg: dict[str, Any], task: Any) -> int:
+    """``--queries K``: the multi-question evaluation (kvpress/eval/multiquery.py)."""
+    from pathlib import Path
+
+    import torch
+
+    import kvpress
+    from kvpress.eval.multiquery import make_multi_sample, markdown_table, needle_task, per_question_table, run_multi
+    from kvpress.models import load_model
+    from kvpress.sweep.expr import SpecError, check_builds, expand
+
+    k = args.queries
+    task = needle_task(task, k)
+    configs = []
+    for text in (["none"] if cfg["baseline"] else []) + cfg["policies"]:
+        for config in expand(text, cfg["compression_ratios"], where="--policy"):
+            check_builds(config, max(cfg["lengths"]), "--policy")
+            if config.label not in [c.label for c in configs]:
+                configs.append(config)
+    if not configs:
+        raise SpecError("--policy: no configuration to run")
+    model, tokenizer = load_model(cfg["model"], device=cfg["device"])
+    samples = [make_multi_sample(task, tokenizer, length, k, cfg["seed"], i, d)
+               for length in cfg["lengths"] for d in (cfg["depths"] or [None]) for i in range(cfg["samples"])]
+    done = [0]
+
+    def progress(sample, config):
+        done[0] += 1
+        if not args.no_progress:
+            print(f"[{done[0]}/{len(samples) * len(configs)}] sample {sample.index} ({sample.context_tokens} tokens) "
+                  f"{config.label}", flush=True)
+
+    records = run_multi(model, tokenizer, configs, samples, cfg["mode"], args.turns, progress)
+    rows = per_question_table(records, k)
+    out = Path(cfg["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    cfg.update(queries=k, turns=args.turns, task=task.name, configurations=[c.label for c in configs],
+               versions={"kvpress": kvpress.__version__, "torch": torch.__version__},
+               torch_threads=torch.get_num_threads())  # fmt: skip
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str), encoding="utf-8")
+    (out / "metrics.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    table = markdown_table(rows, k)
+    (out / "summary.md").write_text(f"# {task.name}: {k} questions per context, % correct per question index\n\n"
+                                    f"{table}\n", encoding="utf-8")  # fmt: skip
+    print(table)
+    print(f"results in {out}/: samples.jsonl, metrics.json, summary.md, config.json")
     return 0

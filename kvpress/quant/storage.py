@@ -53,7 +53,7 @@ import torch
 from kvpress import kernels
 from kvpress.kernels.dispatch import pack_backend, quantize_pack
 from kvpress.quant.body import BodyConfig, QuantizedBody, QuantSpec
-from kvpress.storage.base import AttentionView, KVStorage, LazyAttentionView
+from kvpress.storage.base import AttentionView, KVStorage, LazyAttentionView, StorageState
 
 POSITION_DTYPE = torch.int32
 # Re-positioning's keys to replace: slots ``where`` (a (batch, head, slot) index tuple) get ``fn(keys)``, keys in the
@@ -362,6 +362,17 @@ class QuantizedStorage(KVStorage):
         out.body = None if self.body is None else self.body.index_batch(index)
         out.fresh = None if self.fresh is None else tuple(t.index_select(0, index) for t in self.fresh)
         return out
+
+    def state(self) -> StorageState:
+        from kvpress.quant.state import quantized_state
+
+        return quantized_state(self)
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "QuantizedStorage":
+        from kvpress.quant.state import quantized_from_state
+
+        return quantized_from_state(tensors, meta)
 
     # -- kvpress.quant extras --------------------------------------------------------------------------------
     def effective_bits(self) -> float:

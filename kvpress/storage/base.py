@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -140,8 +140,32 @@ class LazyAttentionView(AttentionView):
     __hash__ = object.__hash__
 
 
+# A storage's saved form (kvpress.persist): its tensors by local name, and JSON-able metadata.
+StorageState = tuple[dict[str, torch.Tensor], dict[str, Any]]
+
+
 class KVStorage(ABC):
-    """Physical storage of one layer's keys and values. One job: hold tokens, append, keep a subset."""
+    """Physical storage of one layer's keys and values. One job: hold tokens, append, keep a subset.
+
+    Every concrete kind is registered by class name (:data:`KVStorage.kinds`) so that a saved cache
+    (:mod:`kvpress.persist`) names the kind of each layer and reads it back with that kind's :meth:`from_state`.
+    """
+
+    kinds: dict[str, type["KVStorage"]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        KVStorage.kinds[cls.__name__] = cls
+
+    @abstractmethod
+    def state(self) -> StorageState:
+        """``(tensors, meta)``: everything needed to rebuild this storage exactly, tensors by local name (as held,
+        on their device) and JSON-able metadata (no objects). :meth:`from_state` is the inverse."""
+
+    @classmethod
+    @abstractmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "KVStorage":
+        """The storage :meth:`state` described (tensors already on the target device)."""
 
     @abstractmethod
     def append(self, keys: torch.Tensor, values: torch.Tensor, start_position: int) -> None:
@@ -192,3 +216,33 @@ class KVStorage(ABC):
     def clone(self) -> "KVStorage":
         """A deep copy (for fanning one prefill out to several compression settings)."""
         return self.index_batch(torch.arange(int(self.lengths().shape[0]), device=self.lengths().device))
+
+
+def storage_state(storage: KVStorage) -> StorageState:
+    """:meth:`KVStorage.state` with the kind's registered name added to the metadata (``meta["kind"]``)."""
+    tensors, meta = storage.state()
+    return tensors, {"kind": type(storage).__name__, **meta}
+
+
+def storage_from_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> KVStorage:
+    """Rebuild a storage saved by :func:`storage_state`, dispatching on ``meta["kind"]``."""
+    kind = meta.get("kind")
+    cls = KVStorage.kinds.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ValueError(f"unknown storage kind {kind!r} (known: {sorted(KVStorage.kinds)})")
+    return cls.from_state(tensors, meta)
+
+
+def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """``tensors`` with every name prefixed by ``prefix`` (nested storages)."""
+    return {prefix + name: t for name, t in tensors.items()}
+
+
+def under(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors whose names start with ``prefix``, the prefix removed (inverse of :func:`prefixed`)."""
+    return {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+
+
+def optional_tensors(**named: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The named tensors that are not ``None``."""
+    return {name: t for name, t in named.items() if t is not None}

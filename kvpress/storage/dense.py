@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from kvpress.storage.base import AttentionView, KVStorage
+from typing import Any
+
+from kvpress.storage.base import AttentionView, KVStorage, StorageState, optional_tensors
 
 POSITION_DTYPE = torch.int32  # positions are held compactly; widened to int64 only transiently
 
@@ -85,6 +87,15 @@ class DenseStorage(KVStorage):
             self.values.index_select(0, index),
             None if self.positions is None else self.positions.index_select(0, index),
         )
+
+    def state(self) -> StorageState:
+        return optional_tensors(keys=self.keys, values=self.values, positions=self.positions), {}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "DenseStorage":
+        if ("keys" in tensors) != ("values" in tensors):
+            raise ValueError("dense storage state needs both 'keys' and 'values' or neither")
+        return cls(tensors.get("keys"), tensors.get("values"), tensors.get("positions"))
 
     # -- helpers ---------------------------------------------------------------------------------------------
     def view_positions(self) -> torch.Tensor:

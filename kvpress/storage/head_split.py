@@ -23,7 +23,16 @@ from typing import Any
 import torch
 
 from kvpress import kernels
-from kvpress.storage.base import AttentionView, KVStorage, LazyAttentionView
+from kvpress.storage.base import (
+    AttentionView,
+    KVStorage,
+    LazyAttentionView,
+    StorageState,
+    prefixed,
+    storage_from_state,
+    storage_state,
+    under,
+)
 
 
 def _plain(x: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
@@ -132,6 +141,25 @@ class HeadSplitStorage(KVStorage):
 
     def index_batch(self, index: torch.Tensor) -> KVStorage:
         return HeadSplitStorage(self.groups, [part.index_batch(index) for part in self.parts])
+
+    def state(self) -> StorageState:
+        tensors: dict[str, torch.Tensor] = {}
+        parts = []
+        for i, (group, part) in enumerate(zip(self.groups, self.parts)):
+            part_tensors, part_meta = storage_state(part)
+            tensors.update(prefixed(part_tensors, f"parts.{i}."))
+            tensors[f"groups.{i}"] = group
+            parts.append(part_meta)
+        return tensors, {"parts": parts}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "HeadSplitStorage":
+        parts_meta = meta.get("parts")
+        if not isinstance(parts_meta, list) or not parts_meta:
+            raise ValueError("head-split storage state needs a non-empty 'parts' list")
+        groups = [tensors[f"groups.{i}"] for i in range(len(parts_meta))]
+        parts = [storage_from_state(under(tensors, f"parts.{i}."), m) for i, m in enumerate(parts_meta)]
+        return cls(groups, parts)
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{g.tolist()}: {type(p).__name__}" for g, p in zip(self.groups, self.parts))

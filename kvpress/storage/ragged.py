@@ -28,7 +28,9 @@ from __future__ import annotations
 import torch
 
 from kvpress import kernels
-from kvpress.storage.base import AttentionView, KVStorage, LazyAttentionView
+from typing import Any
+
+from kvpress.storage.base import AttentionView, KVStorage, LazyAttentionView, StorageState
 from kvpress.storage.dense import POSITION_DTYPE, DenseStorage
 
 # Tokens the dense tail holds before it is folded into the flat layout.
@@ -197,3 +199,18 @@ class RaggedStorage(KVStorage):
             view.positions.index_select(0, index),
             view.valid.index_select(0, index),
         )
+
+    def state(self) -> StorageState:
+        fold = getattr(self, "fold_tail", None)  # recently decoded tokens held beside the body, if any
+        if callable(fold):
+            fold()
+        return {"keys": self.keys, "values": self.values, "positions": self.positions, "lengths": self.lengths_}, {}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "RaggedStorage":
+        missing = [n for n in ("keys", "values", "positions", "lengths") if n not in tensors]
+        if missing:
+            raise ValueError(f"ragged storage state lacks {missing}")
+        if int(tensors["lengths"].sum()) != tensors["keys"].shape[0]:
+            raise ValueError("ragged storage state: lengths do not add up to the number of tokens held")
+        return cls(tensors["keys"], tensors["values"], tensors["positions"], tensors["lengths"])
