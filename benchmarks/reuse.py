@@ -42,7 +42,7 @@ from kvpress.eval.multiquery import (  # noqa: E402
     run_multi,
 )
 from kvpress.eval.tasks import get_task  # noqa: E402
-from kvpress.sweep.expr import expand  # noqa: E402
+from kvpress.policies.expr import expand  # noqa: E402
 
 CONFIGS = [
     "none",

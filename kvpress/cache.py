@@ -21,6 +21,33 @@ def dense_storage_factory(layer_idx: int) -> KVStorage:
     return DenseStorage()
 
 
+# Architecture fields of a model config that a cache's shapes depend on (what a saved cache is checked against).
+SIGNATURE_FIELDS = (
+    "model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "vocab_size", "sliding_window", "layer_types",
+)  # fmt: skip
+
+# Writes a cache to a file: kvpress.persist.save_cache, registered by that module (it sits above this one and
+# reads caches; this module never imports it).
+_CACHE_WRITER: Callable[..., int] | None = None
+
+
+def set_cache_writer(writer: Callable[..., int]) -> None:
+    """Register the function behind :meth:`KVPressCache.save` (called once by :mod:`kvpress.persist`)."""
+    global _CACHE_WRITER
+    _CACHE_WRITER = writer
+
+
+def config_signature(config: Any) -> dict[str, Any]:
+    """Architecture fields of a model config (its text config) that a cache's shapes depend on."""
+    text = config.get_text_config(decoder=True)
+    out: dict[str, Any] = {}
+    for name in SIGNATURE_FIELDS:
+        value = getattr(text, name, None)
+        out[name] = list(value) if isinstance(value, (list, tuple)) else value
+    return out
+
+
 class CompressedLayer(CacheLayerMixin):
     """One full-attention layer: a :class:`~kvpress.storage.KVStorage` plus the true number of tokens seen.
 
@@ -214,8 +241,6 @@ class KVPressCache(Cache):
         self.model_state: dict[str, Any] = {}  # memory a policy keeps across layers (e.g. a global budget)
         # What a saved file records (kvpress.persist): the model's architecture, the model itself when known
         # (a weak reference set by kvpress.patch), and optionally the policy expression and prompt length.
-        from kvpress.persist import config_signature
-
         self.config_signature = config_signature(config)
         self.source_model: Any = None
         self.policy_expression: str | None = None
@@ -304,9 +329,9 @@ class KVPressCache(Cache):
         """Write this cache to ``path`` (safetensors; see :func:`kvpress.persist.save_cache` for the keyword
         arguments: ``model``, ``policy``, ``prompt_tokens``, ``extra``); returns the file's bytes. Read it back
         with :func:`kvpress.load_cache`."""
-        from kvpress.persist import save_cache
-
-        return save_cache(self, path, **kwargs)
+        if _CACHE_WRITER is None:  # kvpress.persist registers itself on import (``import kvpress`` does it)
+            raise RuntimeError("kvpress.persist is not imported: import kvpress (or kvpress.persist) to save caches")
+        return _CACHE_WRITER(self, path, **kwargs)
 
     def clone(self) -> "KVPressCache":
         """A deep copy: fan one prefill out to several compression settings.

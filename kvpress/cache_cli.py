@@ -65,7 +65,7 @@ def _say(message: str) -> None:
 
 def build_policy(expression: str | None, n_tokens: int) -> Any:
     """The policy object of a single-configuration expression (``None``/``"none"``: no policy)."""
-    from kvpress.sweep.expr import expand
+    from kvpress.policies.expr import expand
 
     if expression is None or expression.strip() in ("", "none", "full"):
         return None

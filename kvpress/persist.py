@@ -30,24 +30,19 @@ import os
 import struct
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from kvpress.cache import SIGNATURE_FIELDS as _SIGNATURE_FIELDS
+from kvpress.cache import CompressedLayer, KVPressCache, config_signature, set_cache_writer
 from kvpress.storage.base import prefixed, storage_from_state, storage_state, under
-
-if TYPE_CHECKING:
-    from kvpress.cache import KVPressCache
 
 FORMAT = "kvpress-cache"
 FORMAT_VERSION = 1
 META_KEY = "kvpress"
-_SIGNATURE_FIELDS = (
-    "model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-    "vocab_size", "sliding_window", "layer_types",
-)  # fmt: skip
 _FINGERPRINT_ELEMENTS = 256  # first elements of every parameter hashed into the weights fingerprint
 
 
@@ -56,16 +51,6 @@ class CacheFileError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ model signature
-def config_signature(config: Any) -> dict[str, Any]:
-    """Architecture fields of a model config (its text config) that a cache's shapes depend on."""
-    text = config.get_text_config(decoder=True)
-    out: dict[str, Any] = {}
-    for name in _SIGNATURE_FIELDS:
-        value = getattr(text, name, None)
-        out[name] = list(value) if isinstance(value, (list, tuple)) else value
-    return out
-
-
 def model_signature(model: Any) -> dict[str, Any]:
     """What identifies the model a cache belongs to: architecture fields, parameter dtype, a fingerprint of the
     weights (sha256 of the first elements of every parameter), and its name (informational only)."""
@@ -193,7 +178,6 @@ def save_cache(
         extra: further JSON-able metadata (e.g. how the CLI formatted the prompt).
     """
     from kvpress import __version__
-    from kvpress.cache import CompressedLayer
 
     path = Path(path)
     if path.is_dir():
@@ -367,7 +351,6 @@ def load_cache(path: str | os.PathLike, model: Any, *, device: str | torch.devic
         IsADirectoryError / FileNotFoundError: ``path`` is a directory / does not exist.
         CacheFileError: another model, an unknown format version, a truncated or corrupted file.
     """
-    from kvpress.cache import CompressedLayer, KVPressCache
 
     meta, _, _ = read_header(path)
     check_signature(meta["model"], model, path)
@@ -466,3 +449,6 @@ def storage_from_bytes(data: bytes, device: str | torch.device = "cpu") -> Any:
     for name, order in header["layouts"].items():
         tensors[name] = tensors[name].permute(sorted(range(len(order)), key=order.__getitem__))
     return storage_from_state({k: t.to(device) for k, t in tensors.items()}, header["storage"])
+
+
+set_cache_writer(save_cache)  # KVPressCache.save writes through this module

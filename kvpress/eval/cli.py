@@ -209,18 +209,12 @@ def run_queries(args: argparse.Namespace, cfg: dict[str, Any], task: Any) -> int
     import kvpress
     from kvpress.eval.multiquery import make_multi_sample, markdown_table, needle_task, per_question_table, run_multi
     from kvpress.models import load_model
-    from kvpress.sweep.expr import SpecError, check_builds, expand
 
     k = args.queries
     task = needle_task(task, k)
-    configs = []
-    for text in (["none"] if cfg["baseline"] else []) + cfg["policies"]:
-        for config in expand(text, cfg["compression_ratios"], where="--policy"):
-            check_builds(config, max(cfg["lengths"]), "--policy")
-            if config.label not in [c.label for c in configs]:
-                configs.append(config)
+    configs = checked_configurations(cfg)  # the same policy configurations as a one-question run
     if not configs:
-        raise SpecError("--policy: no configuration to run")
+        raise ValueError("--policy: no configuration to run")
     model, tokenizer = load_model(cfg["model"], device=cfg["device"])
     samples = [make_multi_sample(task, tokenizer, length, k, cfg["seed"], i, d)
                for length in cfg["lengths"] for d in (cfg["depths"] or [None]) for i in range(cfg["samples"])]

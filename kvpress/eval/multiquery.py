@@ -171,7 +171,7 @@ def answer_questions(model, tokenizer, policy: Any, cache, sample: MultiSample, 
 def run_multi(model, tokenizer, configs: Sequence[Any], samples: Iterable[MultiSample], mode: str,
               turns: Sequence[str] = TURNS, progress: Any = None) -> list[dict[str, Any]]:  # fmt: skip
     """Records (one per configuration x sample x turns x question) of every configuration on every sample.
-    ``configs``: objects with ``label`` and ``build(n_tokens)`` (eval's ``PolicySpec`` or a policy expression's
+    ``configs``: objects with ``label`` and ``build(n_tokens)`` (a policy expression's
     ``PolicyConfig``)."""
     from kvpress.eval.runner import _with_tokenizer
 

@@ -19,7 +19,6 @@ from kvpress.storage.base import StorageState, optional_tensors, prefixed, under
 
 if TYPE_CHECKING:
     from kvpress.quant.config import KVQuant
-    from kvpress.quant.storage import QuantizedStorage
 
 _EXACT = ("sink_k", "sink_v", "res_k", "res_v", "positions", "valid")
 _DTYPE_FIELDS = ("scale_dtype", "fp_dtype", "factor_dtype")
@@ -84,7 +83,7 @@ def body_from_state(cfg: BodyConfig, tensors: dict[str, torch.Tensor]) -> Quanti
     return QuantizedBody(cfg, **tensors)
 
 
-def quantized_state(storage: "QuantizedStorage") -> StorageState:
+def quantized_state(storage: Any) -> StorageState:
     """``(tensors, meta)`` of a quantized layer (see the module docstring)."""
     meta: dict[str, Any] = {
         "spec": spec_to_json(storage.spec),
@@ -113,11 +112,10 @@ def quantized_state(storage: "QuantizedStorage") -> StorageState:
     return tensors, meta
 
 
-def quantized_from_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "QuantizedStorage":
-    """Inverse of :func:`quantized_state`."""
-    from kvpress.quant.storage import QuantizedStorage
-
-    storage = QuantizedStorage(spec_from_json(meta["spec"]), int(meta.get("layer_idx", 0)))
+def quantized_from_state(cls: type, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Any:
+    """Inverse of :func:`quantized_state`: a ``cls`` (:class:`~kvpress.quant.storage.QuantizedStorage`, passed in
+    so that this module never imports the storage it serves)."""
+    storage = cls(spec_from_json(meta["spec"]), int(meta.get("layer_idx", 0)))
     storage.kernels = meta.get("kernels")
     if not meta.get("initialised"):
         return storage

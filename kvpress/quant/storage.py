@@ -372,7 +372,7 @@ class QuantizedStorage(KVStorage):
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "QuantizedStorage":
         from kvpress.quant.state import quantized_from_state
 
-        return quantized_from_state(tensors, meta)
+        return quantized_from_state(cls, tensors, meta)
 
     # -- kvpress.quant extras --------------------------------------------------------------------------------
     def effective_bits(self) -> float:
