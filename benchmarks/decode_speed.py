@@ -49,7 +49,8 @@ CONFIGS = [
     "snapkv(compression_ratio=0.5)",
     "adakv(snapkv(), compression_ratio=0.5)",
     "duo_attention(sparsity=0.5)",
-    "h2o(budget={half})",
+    "h2o(budget={half})",  # evicts one token per head at every step
+    "decoding_budget(policy=h2o(), budget={half}, interval=32)",  # H2O's scores, evicting every 32 steps
     "kvquant(bits=4)",
     "kvquant(bits=2)",
     "snapkv(compression_ratio=0.5) | kvquant(bits=2)",

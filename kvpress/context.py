@@ -182,12 +182,24 @@ class LayerContext:
         if stored is None:
             return torch.full(positions.shape, fill, dtype=torch.float32, device=positions.device)
         old_pos, old_values, old_valid = stored
+        n_old, n_now = old_pos.shape[-1], positions.shape[-1]
+        if (old_pos.shape[:-1] == positions.shape[:-1] and n_old <= n_now
+                and torch.equal(old_pos, positions[..., :n_old].to(old_pos.dtype))):
+            # Remembered over these very slots (earlier in this forward, or before this step's tokens were
+            # appended and nothing was evicted): aligned as they are, new slots filled.
+            values = torch.full(positions.shape, fill, dtype=torch.float32, device=positions.device)
+            values[..., :n_old] = old_values.float().masked_fill(~old_valid, fill)
+            return values.masked_fill(~self.key_valid, fill)
         old_pos = old_pos.long().masked_fill(~old_valid, torch.iinfo(torch.int64).max)  # filler sorts last
-        order = old_pos.argsort(dim=-1, stable=True)
-        old_sorted = old_pos.gather(-1, order)
+        if bool((old_pos[..., 1:] >= old_pos[..., :-1]).all()):
+            # Storages hold tokens in increasing position order, so this is the rule: no sort needed.
+            old_sorted, order = old_pos, None
+        else:
+            order = old_pos.argsort(dim=-1, stable=True)
+            old_sorted = old_pos.gather(-1, order)
         idx = torch.searchsorted(old_sorted.contiguous(), positions.long().contiguous()).clamp_max(old_pos.shape[-1] - 1)
         found = old_sorted.gather(-1, idx) == positions.long()
-        values = old_values.gather(-1, order.gather(-1, idx))
+        values = old_values.gather(-1, idx if order is None else order.gather(-1, idx))
         return torch.where(found & self.key_valid, values.float(), torch.full_like(values.float(), fill))
 
 

@@ -181,3 +181,17 @@ def test_prompt_only_policies_are_not_called_while_decoding():
     with torch.no_grad(), kvpress.patch(model, CountingSnapKV(compression_ratio=0.5)):
         model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert phases == ["prefill"] * model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_keep_topk_dropping_one_token_equals_the_stable_sort(seed):
+    """The O(seq) path (one scored token over budget per head, as when decoding under a budget) keeps exactly what
+    the stable descending sort keeps, ties and -inf (unscored) slots included."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 4, (2, 3, 17), generator=gen).float()  # many ties
+    scores[torch.rand(2, 3, 17, generator=gen) < 0.3] = float("-inf")
+    n_keep = (scores > float("-inf")).sum(-1) - 1
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    rank_ok = torch.arange(17) < n_keep.clamp(min=0).unsqueeze(-1)
+    expected = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, rank_ok)
+    assert torch.equal(keep_topk(scores, n_keep), expected)

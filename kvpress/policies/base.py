@@ -67,6 +67,14 @@ def keep_topk(scores: torch.Tensor, n_keep: int | torch.Tensor) -> torch.Tensor:
         index = scores.topk(n_keep, dim=-1).indices
         return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, True)
     n_keep = n_keep.clamp(0, seq).to(scores.device)
+    finite = scores > float("-inf")
+    if bool((n_keep == finite.sum(-1) - 1).all()):
+        # Decoding under a budget drops exactly one scored token per head each step: the lowest score, the last
+        # of equal lowest scores (what the stable descending sort below would leave out), in O(seq).
+        lowest = scores.masked_fill(~finite, float("inf")).amin(dim=-1, keepdim=True)
+        slots = torch.arange(seq, device=scores.device)
+        last = torch.where((scores == lowest) & finite, slots, -1).argmax(dim=-1, keepdim=True)
+        return finite.scatter(-1, last, False)
     order = scores.argsort(dim=-1, descending=True, stable=True)
     rank_ok = torch.arange(seq, device=scores.device) < n_keep.unsqueeze(-1)
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, rank_ok)
