@@ -31,6 +31,10 @@ class Policy(ABC):
     needs_ragged: ClassVar[bool] = False
     # True: attention computes ctx.attention_mass (per-slot attention received) along with its output.
     wants_attention_mass: bool = False
+    # Which layers the policy evicts from: full-attention layers only (False, the default: a sliding-window layer
+    # is already bounded by its window, so a ratio there saves little and cuts the local context the model was
+    # trained with), or sliding-window layers too (True, set with :meth:`on_sliding_layers`).
+    sliding_layers: bool = False
 
     @abstractmethod
     def select(self, ctx: LayerContext) -> torch.Tensor | None: ...
@@ -47,6 +51,22 @@ class Policy(ABC):
     def params(self) -> dict[str, Any]:
         """Parameters that identify this configuration (for reports and result files)."""
         return {}
+
+    def on_sliding_layers(self, include: bool = True) -> "Policy":
+        """Also evict from sliding-window layers (``include=True``), inside their window; returns ``self``.
+
+        By default a policy acts on full-attention layers only. Its ratio or budget then applies to each sliding
+        layer's window as it does to a full layer's tokens (``ctx.layer_type`` tells the layers apart).
+        """
+        if not isinstance(include, bool):
+            raise ValueError(f"include must be a bool, got {include!r}")
+        self.sliding_layers = include
+        return self
+
+    def acts_on(self, layer_type: str) -> bool:
+        """Whether :meth:`select` is called for a layer of ``layer_type`` (``"full_attention"`` /
+        ``"sliding_attention"``)."""
+        return layer_type == "full_attention" or (layer_type == "sliding_attention" and self.sliding_layers)
 
     def __or__(self, other: Any) -> "Any":
         from kvpress.policies.pipeline import Pipeline

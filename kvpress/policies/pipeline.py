@@ -65,9 +65,20 @@ class Pipeline(Policy):
     def stages(self) -> list[Any]:
         return [*self.policies, *([self.storage] if self.storage is not None else [])]
 
+    def acts_on(self, layer_type: str) -> bool:
+        return any(p.acts_on(layer_type) for p in self.policies)
+
+    def on_sliding_layers(self, include: bool = True) -> "Pipeline":
+        """Every eviction stage also acts on sliding-window layers (see :meth:`Policy.on_sliding_layers`)."""
+        for policy in self.policies:
+            policy.on_sliding_layers(include)
+        return self
+
     def select(self, ctx: LayerContext) -> torch.Tensor | None:
         keep = None
         for policy in self.policies:
+            if not policy.acts_on(ctx.layer_type):
+                continue
             mask = policy.select(ctx)
             if mask is not None:
                 keep = mask if keep is None else keep & mask
