@@ -12,7 +12,7 @@ from kvpress.compat import cache_kwargs, output_cache
 from kvpress.policies import KeyNorm, SnapKV, StreamingLLM
 from kvpress.quant import KVQuant
 from kvpress.storage import DenseStorage, SlidingWindowStorage
-from tests.tiny_models import left_padded_batch, tiny_model
+from tiny_models import left_padded_batch, tiny_model
 
 WINDOW = 8  # tiny gemma3: layers 0 and 2 slide over 8 tokens, 1 and 3 are full
 

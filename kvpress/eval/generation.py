@@ -130,8 +130,8 @@ def supports_fanout(policy: Any) -> bool:
 
 def fanout_key(policy: Any) -> tuple | None:
     """Policies with equal keys score tokens identically (they differ only in ratio or budget)."""
-    if not supports_fanout(policy):
-        return None
+    if not supports_fanout(policy) or getattr(policy, "sliding_layers", False):
+        return None  # the recorder scores full-attention layers only: sliding-layer eviction runs directly
     params = {k: v for k, v in policy.params().items() if k not in SIZE_PARAMETERS}
     return (type(policy), tuple(sorted((k, repr(v)) for k, v in params.items())))
 
