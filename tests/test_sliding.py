@@ -165,3 +165,26 @@ def test_kvzip_style_snapshot_restores_a_slid_window():
         with pytest.raises(NotImplementedError, match="cannot be truncated"):
             model(ids[:, :5], use_cache=True, **cache_kwargs(model, cache))
             cache.truncate(20)
+
+
+def test_eval_records_and_summaries_split_bytes_by_layer_type():
+    from kvpress.eval.generation import bytes_by_layer_type
+    from kvpress.eval.runner import PolicySpec, summarize
+
+    model = tiny_model("gemma3")
+    ids = torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(0))
+    with kvpress.patch(model, SnapKV(compression_ratio=0.5, window=2)):
+        cache = output_cache(model(ids, use_cache=True))
+    by_type = bytes_by_layer_type(cache)
+    assert sum(by_type.values()) == cache.nbytes() and set(by_type) == {"full_attention", "sliding_attention"}
+
+    def record(policy, label, kv):
+        return {"length": 40, "depth": None, "index": 0, "policy": policy, "label": label, "score": 1.0,
+                "kv_bytes": sum(kv.values()), "kv_bytes_end": 0, "kv_bytes_by_layer_type": kv, "empty": False,
+                "seconds": 0.0, "prefill_seconds": 0.0, "fanout": False, "prompt_tokens": 40}
+
+    specs = [PolicySpec("none"), PolicySpec("snapkv", (), 0.5)]
+    entries = summarize([record("none", "none", {"full_attention": 100, "sliding_attention": 300}),
+                         record("snapkv", specs[1].label, {"full_attention": 50, "sliding_attention": 300})], specs)
+    assert entries[1]["kv_fraction"] == 0.875
+    assert entries[1]["kv_fraction_by_layer_type"] == {"full_attention": 0.5, "sliding_attention": 1.0}
