@@ -31,6 +31,9 @@ CONFIGS: dict[str, PolicySpec] = {
     "none": PolicySpec("none"),
     "kvquant(bits=2)": PolicySpec("kvquant", (("bits", 2),)),
     "kvquant(bits=4)": PolicySpec("kvquant", (("bits", 4),)),
+    # sinks and the 128-token residual window held in float16 instead of the model's float32
+    "kvquant(bits=2, fp16 window)": PolicySpec("kvquant", (("bits", 2), ("fp_dtype", torch.float16))),
+    "kvquant(bits=4, fp16 window)": PolicySpec("kvquant", (("bits", 4), ("fp_dtype", torch.float16))),
     "knorm(0.5, full layers)": PolicySpec("knorm", (), 0.5),
     "knorm(0.5, all layers)": PolicySpec("knorm", (("sliding_layers", True),), 0.5),
     "snapkv(0.5, all layers)": PolicySpec("snapkv", (("sliding_layers", True),), 0.5),
