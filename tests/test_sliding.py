@@ -188,3 +188,15 @@ def test_eval_records_and_summaries_split_bytes_by_layer_type():
                          record("snapkv", specs[1].label, {"full_attention": 50, "sliding_attention": 300})], specs)
     assert entries[1]["kv_fraction"] == 0.875
     assert entries[1]["kv_fraction_by_layer_type"] == {"full_attention": 0.5, "sliding_attention": 1.0}
+
+
+def test_registry_sliding_layers_option():
+    from kvpress.policies import get_policy
+
+    assert get_policy("knorm", compression_ratio=0.5).sliding_layers is False
+    policy = get_policy("knorm", compression_ratio=0.5, sliding_layers=True)
+    assert policy.sliding_layers and policy.acts_on("sliding_attention") and policy.acts_on("full_attention")
+    with pytest.raises(ValueError, match="sliding_layers applies to eviction policies"):
+        get_policy("kvquant", bits=4, sliding_layers=True)
+    pipe = (KeyNorm(compression_ratio=0.5) | KVQuant(bits=4)).on_sliding_layers()
+    assert pipe.acts_on("sliding_attention") and pipe.policies[0].sliding_layers
