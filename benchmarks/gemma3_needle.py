@@ -55,6 +55,8 @@ def _ci95(scores: list[float]) -> float:
 def table(records: list[dict], tasks: list[str]) -> str:
     """Markdown: one row per configuration, a score column per task (with samples), mean, % of full, bytes."""
     full = {t: [r for r in records if r["config"] == "none" and r["task"] == t] for t in tasks}
+    if not all(full.values()):
+        return "(no uncompressed baseline in these records: run with the `none` configuration, or merge its records)"
     full_mean = sum(100 * sum(r["score"] for r in full[t]) / len(full[t]) for t in tasks) / len(tasks)
     out = ["| configuration | " + " | ".join(tasks) + " | mean | % of full | ±95% | whole-cache bytes vs full |",
            "|---|" + "---:|" * (len(tasks) + 4)]
@@ -83,7 +85,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None, help="JSON of the per-sample records and the table, "
                    "rewritten after every task")
+    p.add_argument("--merge", type=Path, nargs="*", default=None,
+                   help="evaluate nothing: merge the records of these JSON files (same samples), print the table")
     args = p.parse_args(argv)
+    if args.merge:
+        merged: dict[tuple, dict] = {}
+        for path in args.merge:
+            for r in json.loads(path.read_text())["records"]:
+                merged.setdefault((r["config"], r["task"], r["index"]), r)
+        records = list(merged.values())
+        tasks = [t for t in args.tasks if any(r["task"] == t for r in records)]
+        text = table(records, tasks)
+        print(text)
+        if args.out:
+            args.out.write_text(json.dumps({"meta": {"merged": [str(m) for m in args.merge]}, "records": records,
+                                            "table": text}, indent=1))
+        return 0
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     model, tokenizer = kvpress.load_model(args.model)
