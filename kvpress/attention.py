@@ -28,6 +28,8 @@ def allowed_slots(
     q_start: int,
     q_len: int,
     last_n: int | None = None,
+    offset: int = 0,
+    window: int | None = None,
 ) -> torch.Tensor | None:
     """Which held slot each of the last ``last_n`` queries may attend to.
 
@@ -38,6 +40,10 @@ def allowed_slots(
         q_start: absolute position of the first query of this forward.
         q_len: number of queries in this forward.
         last_n: restrict to the last ``last_n`` queries (default: all).
+        offset: absolute position of the mask's first column (a sliding-window layer's mask starts at its
+            window, see :class:`~kvpress.cache.SlidingLayer`); slots before it are not allowed.
+        window: the layer's sliding window: query ``p`` may attend to positions ``p - window + 1 .. p`` (applied
+            when there is no mask; a sliding layer's mask already encodes it). ``None`` for full attention.
 
     Returns:
         ``[batch, kv_heads, n, seq]`` bool, or ``None`` when every query may attend to every slot.
@@ -47,24 +53,40 @@ def allowed_slots(
     device = view.device
     if attention_mask is None:
         # One causal query: every held slot is in its past (a cache holds only tokens already fed), so a single
-        # decode query needs no mask; the last of several queries does once it is past every held position.
-        if n == 1 and view.valid is None and (q_len == 1 or _all_in_past(view, q_start + q_len - 1, seq)):
+        # decode query needs no mask (within a sliding window, once every held slot is inside it); the last of
+        # several queries does once it is past every held position.
+        q_last = q_start + q_len - 1
+        if (n == 1 and view.valid is None and (q_len == 1 or _all_in_past(view, q_last, seq))
+                and (window is None or _all_in_window(view, q_last, window))):
             return None
         positions = view.positions if view.positions is not None else torch.arange(seq, device=device).expand(batch, heads, seq)
-        q_abs = torch.arange(q_start + q_len - n, q_start + q_len, device=device)
-        allowed = positions.unsqueeze(2) <= q_abs.view(1, 1, n, 1)
+        q_abs = torch.arange(q_start + q_len - n, q_start + q_len, device=device).view(1, 1, n, 1)
+        allowed = positions.unsqueeze(2) <= q_abs
+        if window is not None:
+            allowed = allowed & (positions.unsqueeze(2) > q_abs - window)
     else:
         mask = attention_mask[..., -n:, :]
         allowed_abs = mask if mask.dtype == torch.bool else mask == 0
-        allowed_abs = allowed_abs[:, 0].expand(batch, n, allowed_abs.shape[-1])  # [batch, n, positions]
-        if view.positions is None:
+        allowed_abs = allowed_abs[:, 0].expand(batch, n, allowed_abs.shape[-1])  # [batch, n, columns]
+        if view.positions is None and offset == 0:
             allowed = allowed_abs[..., :seq].unsqueeze(1).expand(batch, heads, n, seq)
         else:
-            index = view.positions.unsqueeze(2).expand(batch, heads, n, seq)
-            allowed = allowed_abs.unsqueeze(1).expand(batch, heads, n, allowed_abs.shape[-1]).gather(-1, index)
+            columns = allowed_abs.shape[-1]
+            positions = view.positions if view.positions is not None else torch.arange(seq, device=device).expand(batch, heads, seq)
+            column = positions - offset
+            inside = (column >= 0) & (column < columns)
+            index = column.clamp(0, columns - 1).unsqueeze(2).expand(batch, heads, n, seq)
+            allowed = allowed_abs.unsqueeze(1).expand(batch, heads, n, columns).gather(-1, index)
+            allowed = allowed & inside.unsqueeze(2)
     if view.valid is not None:
         allowed = allowed & view.valid.unsqueeze(2)
     return allowed
+
+
+def _all_in_window(view: AttentionView, q_abs: int, window: int) -> bool:
+    if view.positions is None:
+        return q_abs - window < 0
+    return bool((view.positions > q_abs - window).all())
 
 
 def _all_in_past(view: AttentionView, q_abs: int, seq: int) -> bool:

@@ -1,4 +1,10 @@
-"""The compressed cache: a transformers ``Cache`` whose full-attention layers physically hold less."""
+"""The compressed cache: a transformers ``Cache`` whose layers physically hold less.
+
+Full-attention layers are :class:`CompressedLayer` objects (any storage kind, shrunk by eviction policies);
+sliding-window layers are :class:`SlidingLayer` objects, the same with a bounded ring
+(:class:`~kvpress.storage.SlidingWindowStorage`) of the last ``window - 1`` tokens, so that quantization and the
+byte report cover every layer.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,8 @@ from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLay
 
 from kvpress.compat import cache_layer_specs
 
-from kvpress.storage import AttentionView, DenseStorage, KVStorage, LazyAttentionView
+from kvpress.storage import AttentionView, DenseStorage, KVStorage, LazyAttentionView, SlidingWindowStorage
+from kvpress.storage.sliding import check_window
 
 StorageFactory = Callable[[int], KVStorage]
 
@@ -72,8 +79,13 @@ class CompressedLayer(CacheLayerMixin):
         self.last_hidden: torch.Tensor | None = None  # attention input of the current forward, if a policy asked
 
     # -- transformers layer API ------------------------------------------------------------------------------
+    layer_type = "full_attention"
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
+        batch, heads, _, dim = key_states.shape
+        # bytes one token takes in an uncompressed layer (K and V of every batch row and head), for report ratios
+        self.token_nbytes = batch * heads * dim * 2 * key_states.element_size()
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -167,6 +179,10 @@ class CompressedLayer(CacheLayerMixin):
     def state_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in _tensors_in(self.policy_state))
 
+    def full_nbytes(self) -> int:
+        """Bytes the uncompressed layer would hold now (transformers' ``DynamicLayer``: every token seen)."""
+        return self.seen_tokens * self.token_nbytes if self.is_initialized else 0
+
     def keep_positions(self, keep: torch.Tensor) -> None:
         """Keep the held tokens whose absolute position ``p`` has ``keep[b, h, p]`` (``[batch, kv_heads, n]`` bool;
         positions ``>= n`` are kept): eviction decided over positions rather than over the current slots."""
@@ -202,9 +218,77 @@ class CompressedLayer(CacheLayerMixin):
         return f"CompressedLayer({type(self.storage).__name__}, seen={self.seen_tokens})"
 
 
+class SlidingLayer(CompressedLayer):
+    """One sliding-window layer: a :class:`~kvpress.storage.SlidingWindowStorage` ring over the storage the
+    factory builds (dense or quantized), with transformers' sliding-window semantics.
+
+    Between forwards it holds the last ``window - 1`` tokens (fewer at the start); a forward's queries attend to
+    those plus the forward's own tokens, each query to the last ``window`` positions up to itself. The mask
+    transformers builds for the layer covers the positions ``mask_offset .. mask_offset + kv_length - 1``
+    (:meth:`get_mask_sizes`, identical to ``DynamicSlidingWindowLayer``'s), and attention reads it at each slot's
+    position minus ``mask_offset``. Policies leave these layers alone unless they are told to act on them.
+    """
+
+    is_sliding = True
+    layer_type = "sliding_attention"
+
+    def __init__(self, storage_factory: StorageFactory, layer_idx: int, window: int):
+        self.window = check_window(window)
+        self.inner_factory = storage_factory
+        super().__init__(lambda idx: SlidingWindowStorage(storage_factory(idx), self.window), layer_idx)
+        self.mask_offset = 0  # absolute position of the first column of this forward's mask
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.mask_offset = max(self.seen_tokens - self.window + 1, 0)
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.seen_tokens >= self.window:
+            return self.window - 1 + query_length, self.seen_tokens - self.window + 1
+        return self.seen_tokens + query_length, 0
+
+    def get_max_length(self) -> int:
+        return self.window
+
+    @property
+    def plain_view(self) -> bool:
+        """The view of the forward in progress is dense and contiguous: transformers' own key/value tensors."""
+        return self.storage.step_plain
+
+    def full_nbytes(self) -> int:
+        """Bytes transformers' ``DynamicSlidingWindowLayer`` would hold now (the last ``window - 1`` tokens)."""
+        return min(self.seen_tokens, self.window - 1) * self.token_nbytes if self.is_initialized else 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise NotImplementedError("crop is not supported on a sliding-window layer (its window has slid)")
+
+    def truncate(self, n_tokens: int) -> None:
+        raise NotImplementedError(
+            "a sliding-window layer cannot be truncated (tokens that slid out are gone): snapshot it with "
+            "KVPressCache.save_uncompressed_layers() and restore it with KVPressCache.truncate(n, saved)"
+        )
+
+    def snapshot(self) -> "SlidingLayer":
+        """A copy sharing the held tensors, to restore after forwards that must leave no trace."""
+        out = copy.copy(self)
+        out.storage = self.storage.snapshot()
+        out.policy_state = dict(self.policy_state)
+        out.last_view = None
+        return out
+
+    def __repr__(self) -> str:
+        return f"SlidingLayer({type(self.storage.inner).__name__}, window={self.window}, seen={self.seen_tokens})"
+
+
 @dataclass
 class LayerReport:
-    """Bytes and tokens held by one layer."""
+    """Bytes and tokens held by one layer.
+
+    ``full_nbytes`` is what the same layer would hold uncompressed (transformers' own layer: every token for a
+    full-attention layer, the last ``window - 1`` for a sliding one), so ``nbytes / full_nbytes`` is the layer's
+    bytes ratio.
+    """
 
     layer_idx: int
     kind: str  # storage class name, or the transformers layer class for layers kvpress leaves alone
@@ -213,14 +297,17 @@ class LayerReport:
     tokens_max: int
     tokens_mean: float
     seen_tokens: int
+    layer_type: str = "full_attention"  # "full_attention", "sliding_attention", or transformers' name
+    full_nbytes: int = 0
 
 
 class KVPressCache(Cache):
     """A transformers :class:`~transformers.Cache` that stores less.
 
-    Full-attention layers are :class:`CompressedLayer` objects whose storage a policy may shrink. Layers of
-    other types (sliding-window layers of Gemma 3, for instance) keep transformers' own layer class and its
-    own rules: they are already bounded, and kvpress neither compresses them nor hides their bytes.
+    Full-attention layers are :class:`CompressedLayer` objects whose storage a policy may shrink;
+    sliding-window layers are :class:`SlidingLayer` rings over the same storage kinds (quantized under
+    ``KVQuant``), bounded by their window. Layers of other types (chunked attention, linear attention) keep
+    transformers' own layer class and rules, and their bytes are counted too.
 
     Args:
         config: the model config (its text config is used).
@@ -235,6 +322,8 @@ class KVPressCache(Cache):
         for idx, (kind, kwargs) in enumerate(cache_layer_specs(text_config)):
             if kind == "full_attention":
                 layers.append(CompressedLayer(self.storage_factory, idx))
+            elif kind == "sliding_attention":
+                layers.append(SlidingLayer(self.storage_factory, idx, kwargs["sliding_window"]))
             else:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs))
         super().__init__(layers=layers)
@@ -249,8 +338,12 @@ class KVPressCache(Cache):
 
     @property
     def compressed_layers(self) -> list[int]:
-        """Indices of the layers kvpress compresses (the full-attention ones)."""
+        """Indices of the layers held in kvpress storage (full-attention and sliding-window ones)."""
         return [i for i, layer in enumerate(self.layers) if isinstance(layer, CompressedLayer)]
+
+    def layer_types(self) -> list[str]:
+        """``"full_attention"`` / ``"sliding_attention"`` (or transformers' layer class name) per layer."""
+        return [getattr(layer, "layer_type", type(layer).__name__) for layer in self.layers]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens seen so far (not tokens held): what positions of new tokens count from."""
@@ -278,21 +371,38 @@ class KVPressCache(Cache):
         """Per-layer bytes and tokens held."""
         out = []
         for idx, layer in enumerate(self.layers):
+            full = None
             if isinstance(layer, CompressedLayer) and layer.is_initialized:
                 lengths = layer.storage.lengths().float()
-                kind, seen = type(layer.storage).__name__, layer.seen_tokens
+                kind, seen, full = _storage_kind(layer.storage), layer.seen_tokens, layer.full_nbytes()
             else:
                 keys = getattr(layer, "keys", None)
                 n = 0 if keys is None or keys.dim() < 3 else keys.shape[-2]
                 lengths = torch.tensor([float(n)])
                 kind, seen = type(layer).__name__, layer.get_seq_length() if hasattr(layer, "get_seq_length") else n
+            nbytes = _layer_nbytes(layer)
             out.append(
                 LayerReport(
-                    idx, kind, _layer_nbytes(layer), int(lengths.min()), int(lengths.max()),
-                    float(lengths.mean()), int(seen),
+                    idx, kind, nbytes, int(lengths.min()), int(lengths.max()), float(lengths.mean()), int(seen),
+                    getattr(layer, "layer_type", type(layer).__name__), nbytes if full is None else full,
                 )
             )
         return out
+
+    def bytes_ratios(self) -> dict[str, float | None]:
+        """Bytes held over bytes the uncompressed cache would hold: ``"whole"`` (every layer) and per layer type
+        (``"full_attention"``, ``"sliding_attention"``, ...); ``None`` for a group that holds nothing yet.
+
+        A policy that acts on full-attention layers only is sized by the ``"full_attention"`` ratio; the memory
+        saved is the ``"whole"`` one.
+        """
+        held: dict[str, int] = {}
+        full: dict[str, int] = {}
+        for row in self.report():
+            for key in ("whole", row.layer_type):
+                held[key] = held.get(key, 0) + row.nbytes
+                full[key] = full.get(key, 0) + row.full_nbytes
+        return {key: (held[key] / full[key] if full[key] else None) for key in held}
 
     def __repr__(self) -> str:
         """One line (layer count, storage kinds, tokens held, bytes): messages that print a cache stay short."""
@@ -300,7 +410,7 @@ class KVPressCache(Cache):
         held, seen = 0, 0
         for layer in self.layers:
             compressed = isinstance(layer, CompressedLayer)
-            kind = type(layer.storage).__name__ if compressed and layer.is_initialized else type(layer).__name__
+            kind = _storage_kind(layer.storage) if compressed and layer.is_initialized else type(layer).__name__
             kinds[kind] = kinds.get(kind, 0) + 1
             if compressed and layer.is_initialized:
                 held = max(held, layer.storage.max_length)
@@ -312,18 +422,27 @@ class KVPressCache(Cache):
         )
 
     def truncate(self, n_tokens: int, saved_layers: dict[int, Any] | None = None) -> None:
-        """Forget the tokens after the first ``n_tokens`` in every compressed layer, and put back the other
-        layers (e.g. sliding-window ones) as :meth:`save_uncompressed_layers` saved them."""
+        """Forget the tokens after the first ``n_tokens`` in every full-attention layer, and put back the other
+        layers (sliding-window ones, whose window slid) as :meth:`save_uncompressed_layers` saved them."""
         for idx, layer in enumerate(self.layers):
-            if isinstance(layer, CompressedLayer):
+            if saved_layers is not None and idx in saved_layers:
+                saved = saved_layers[idx]
+                self.layers[idx] = saved.snapshot() if isinstance(saved, SlidingLayer) else copy.copy(saved)
+            elif isinstance(layer, SlidingLayer):
+                if layer.seen_tokens > n_tokens:
+                    layer.truncate(n_tokens)  # raises: the window slid and nothing was saved
+            elif isinstance(layer, CompressedLayer):
                 layer.truncate(n_tokens)
-            elif saved_layers is not None and idx in saved_layers:
-                self.layers[idx] = copy.copy(saved_layers[idx])
 
     def save_uncompressed_layers(self) -> dict[int, Any]:
-        """Shallow copies of the layers kvpress leaves to transformers (their tensors are replaced, not written,
-        on update), to restore with :meth:`truncate` after forwards that must leave no trace."""
-        return {i: copy.copy(layer) for i, layer in enumerate(self.layers) if not isinstance(layer, CompressedLayer)}
+        """Copies of the layers that cannot be truncated (sliding-window rings, layers kvpress leaves to
+        transformers), sharing their tensors (replaced, not written, on update), to restore with :meth:`truncate`
+        after forwards that must leave no trace."""
+        return {
+            i: layer.snapshot() if isinstance(layer, SlidingLayer) else copy.copy(layer)
+            for i, layer in enumerate(self.layers)
+            if isinstance(layer, SlidingLayer) or not isinstance(layer, CompressedLayer)
+        }
 
     def save(self, path: Any, **kwargs: Any) -> int:
         """Write this cache to ``path`` (safetensors; see :func:`kvpress.persist.save_cache` for the keyword
@@ -342,6 +461,12 @@ class KVPressCache(Cache):
         for tensor in _graph_tensors(self):
             memo[id(tensor)] = tensor.detach().clone()
         return copy.deepcopy(self, memo)
+
+
+def _storage_kind(storage: KVStorage) -> str:
+    if isinstance(storage, SlidingWindowStorage):
+        return f"SlidingWindow[{type(storage.inner).__name__}]"
+    return type(storage).__name__
 
 
 def _index_rows(value: Any, index: torch.Tensor, batch: int) -> Any:

@@ -44,6 +44,8 @@ class LayerContext:
             ``wants_attention_mass`` (computed with the attention output, nearly free); else ``None``.
         hidden_states: ``[batch, q_len, hidden]`` the attention module's input for this forward's tokens, when the
             policy declared ``wants_hidden_states``; else ``None``.
+        layer_type: ``"full_attention"``, or ``"sliding_attention"`` for a sliding-window layer (reached only by
+            policies with ``sliding_layers=True``; its view holds at most ``window - 1`` earlier tokens).
     """
 
     layer_idx: int
@@ -62,6 +64,7 @@ class LayerContext:
     held: torch.Tensor | None = None
     attention_mass: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
+    layer_type: str = "full_attention"
 
     @property
     def keys(self) -> torch.Tensor:

