@@ -193,6 +193,8 @@ def save_cache(
                 "seen_tokens": layer.seen_tokens,
                 "initialized": layer.is_initialized,
                 "dtype": str(getattr(layer, "dtype", None)).replace("torch.", "") if layer.is_initialized else None,
+                # bytes of one token in the uncompressed layer (the report's reference)
+                "token_nbytes": getattr(layer, "token_nbytes", None),
             }
             if layer.is_initialized:
                 tensors, meta = storage_state(layer.storage)
@@ -414,6 +416,8 @@ def _restore_compressed(layer: Any, entry: dict[str, Any], tensors: dict[str, to
         layer.is_initialized = True
         layer.dtype = getattr(torch, entry["dtype"])
         layer.device = device
+        if entry.get("token_nbytes") is not None:
+            layer.token_nbytes = int(entry["token_nbytes"])
 
 
 def _restore_attributes(layer: Any, attributes: dict[str, Any], tensors: dict[str, torch.Tensor],

@@ -169,7 +169,8 @@ def test_kvzip_style_snapshot_restores_a_slid_window():
 
 def test_eval_records_and_summaries_split_bytes_by_layer_type():
     from kvpress.eval.generation import bytes_by_layer_type
-    from kvpress.eval.runner import PolicySpec, summarize
+    from kvpress.eval.runner import summarize
+    from kvpress.policies.expr import expand
 
     model = tiny_model("gemma3")
     ids = torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(0))
@@ -183,7 +184,7 @@ def test_eval_records_and_summaries_split_bytes_by_layer_type():
                 "kv_bytes": sum(kv.values()), "kv_bytes_end": 0, "kv_bytes_by_layer_type": kv, "empty": False,
                 "seconds": 0.0, "prefill_seconds": 0.0, "fanout": False, "prompt_tokens": 40}
 
-    specs = [PolicySpec("none"), PolicySpec("snapkv", (), 0.5)]
+    specs = [expand("none")[0], expand("snapkv", (0.5,))[0]]
     entries = summarize([record("none", "none", {"full_attention": 100, "sliding_attention": 300}),
                          record("snapkv", specs[1].label, {"full_attention": 50, "sliding_attention": 300})], specs)
     assert entries[1]["kv_fraction"] == 0.875

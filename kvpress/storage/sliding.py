@@ -16,10 +16,20 @@ tokens through ``select`` (quantized: codes gathered, nothing re-quantized).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 
-from kvpress.storage.base import AttentionView, KVStorage, LazyAttentionView
+from kvpress.storage.base import (
+    AttentionView,
+    KVStorage,
+    LazyAttentionView,
+    StorageState,
+    prefixed,
+    storage_from_state,
+    storage_state,
+    under,
+)
 from kvpress.storage.dense import DenseStorage
 
 
@@ -125,6 +135,23 @@ class SlidingWindowStorage(KVStorage):
         return self.inner.storage_nbytes()
 
     # -- helpers ---------------------------------------------------------------------------------------------
+    def state(self) -> StorageState:
+        """The ring between forwards: its inner storage, window, first position and whether a policy evicted
+        inside it (the per-forward view is not part of it)."""
+        tensors, inner_meta = storage_state(self.inner)
+        meta = {"inner": inner_meta, "window": self.window, "first": self.first, "evicted": self.evicted}
+        return prefixed(tensors, "inner."), meta
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "SlidingWindowStorage":
+        for key in ("inner", "window", "first"):
+            if key not in meta:
+                raise ValueError(f"sliding-window storage state needs {key!r}")
+        out = cls(storage_from_state(under(tensors, "inner."), meta["inner"]), int(meta["window"]))
+        out.first = int(meta["first"])
+        out.evicted = bool(meta.get("evicted", False))
+        return out
+
     def _copy(self) -> "SlidingWindowStorage":
         out = SlidingWindowStorage.__new__(SlidingWindowStorage)
         out.__dict__.update(self.__dict__)
