@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -24,32 +23,32 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kvpress  # noqa: E402
-from kvpress.eval import PolicySpec, evaluate, get_task  # noqa: E402
+from kvpress.eval import evaluate, get_task  # noqa: E402
+from kvpress.eval.report import ci95  # noqa: E402
+from kvpress.policies.expr import expand  # noqa: E402
 
 TASKS = ["niah_single_prose", "niah_single_noise", "niah_multikey_prose"]
-CONFIGS: dict[str, PolicySpec] = {
-    "none": PolicySpec("none"),
-    "kvquant(bits=2)": PolicySpec("kvquant", (("bits", 2),)),
-    "kvquant(bits=4)": PolicySpec("kvquant", (("bits", 4),)),
+# Each configuration is a policy expression (kvpress.policies.expr): the name in the tables is the expression.
+CONFIGS = [
+    "none",
+    "kvquant(bits=2)",
+    "kvquant(bits=4)",
     # sinks and the 128-token residual window held in float16 instead of the model's float32
-    "kvquant(bits=2, fp16 window)": PolicySpec("kvquant", (("bits", 2), ("fp_dtype", torch.float16))),
-    "kvquant(bits=4, fp16 window)": PolicySpec("kvquant", (("bits", 4), ("fp_dtype", torch.float16))),
-    "knorm(0.5, full layers)": PolicySpec("knorm", (), 0.5),
-    "knorm(0.5, all layers)": PolicySpec("knorm", (("sliding_layers", True),), 0.5),
-    "snapkv(0.5, all layers)": PolicySpec("snapkv", (("sliding_layers", True),), 0.5),
-    "streaming_llm(0.5, all layers)": PolicySpec("streaming_llm", (("sliding_layers", True),), 0.5),
-}
+    "kvquant(bits=2, fp_dtype=torch.float16)",
+    "kvquant(bits=4, fp_dtype=torch.float16)",
+    "knorm(compression_ratio=0.5)",  # full-attention layers only (the default)
+    "knorm(compression_ratio=0.5, sliding_layers=True)",
+    "snapkv(compression_ratio=0.5, sliding_layers=True)",
+    "streaming_llm(compression_ratio=0.5, sliding_layers=True)",
+]
 # the default set: what fits ~1.5 h on one thread at 20 samples x 3 tasks is less; see RESULTS.md for what ran
-DEFAULT = ["none", "kvquant(bits=2)", "kvquant(bits=4)", "knorm(0.5, full layers)", "knorm(0.5, all layers)",
-           "snapkv(0.5, all layers)"]
+DEFAULT = ["none", "kvquant(bits=2)", "kvquant(bits=4)", "knorm(compression_ratio=0.5)",
+           "knorm(compression_ratio=0.5, sliding_layers=True)", "snapkv(compression_ratio=0.5, sliding_layers=True)"]
 
 
-def _ci95(scores: list[float]) -> float:
-    n = len(scores)
-    if n < 2:
-        return float("nan")
-    mean = sum(scores) / n
-    return 1.96 * math.sqrt(sum((s - mean) ** 2 for s in scores) / (n - 1) / n) * 100
+def _ci95_points(scores: list[float]) -> str:
+    half = ci95(scores)
+    return "nan" if half is None else f"{100 * half:.0f}"
 
 
 def table(records: list[dict], tasks: list[str]) -> str:
@@ -71,7 +70,7 @@ def table(records: list[dict], tasks: list[str]) -> str:
             kv_full += sum(r["kv_bytes"] for r in full[t])
         mean = 100 * sum(all_scores) / len(all_scores)
         out.append(f"| {name} | " + " | ".join(cells) + f" | {mean:.1f} | {100 * mean / full_mean:.0f}% | "
-                   f"{_ci95(all_scores):.0f} | {kv / kv_full:.3f} |")
+                   f"{_ci95_points(all_scores)} | {kv / kv_full:.3f} |")
     return "\n".join(out)
 
 
@@ -81,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--length", type=int, default=1500)
     p.add_argument("--samples", type=int, default=20)
     p.add_argument("--tasks", nargs="*", default=TASKS)
-    p.add_argument("--configs", nargs="*", default=DEFAULT, choices=list(CONFIGS))
+    p.add_argument("--configs", nargs="*", default=DEFAULT, choices=CONFIGS)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None, help="JSON of the per-sample records and the table, "
                    "rewritten after every task")
@@ -104,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     model, tokenizer = kvpress.load_model(args.model)
-    specs = [CONFIGS[c] for c in args.configs]
-    names = {spec.label: name for name, spec in CONFIGS.items()}
+    specs = [expand(c)[0] for c in args.configs]
+    names = {spec.label: name for name, spec in zip(args.configs, specs)}
     records: list[dict] = []
     done: list[str] = []
     for task_name in args.tasks:

@@ -6,7 +6,7 @@ import torch
 import kvpress
 from kvpress.cache import SlidingLayer
 from kvpress.compat import cache_kwargs, output_cache
-from kvpress.eval import evaluate, get_task, sweep
+from kvpress.eval import configurations, evaluate, get_task
 from kvpress.quant import KVQuant
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("gemma3")]
@@ -53,7 +53,7 @@ def test_no_policy_logits_identical_prefill_and_200_steps_past_the_window(gemma3
 @torch.no_grad()
 def test_needle_retrieved_uncompressed_and_bytes_held(gemma3):
     model, tok = gemma3
-    result = evaluate(model, tok, get_task("niah_single_noise"), sweep(["knorm"], [0.5]), [1500], 2,
+    result = evaluate(model, tok, get_task("niah_single_noise"), configurations(["knorm"], [0.5]), [1500], 2,
                       progress=False, model_name="gemma3-270m")
     base = [r for r in result.records if r["policy"] == "none"]
     assert sum(r["score"] for r in base) >= 1  # the uncompressed model finds the needle

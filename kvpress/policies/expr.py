@@ -365,7 +365,8 @@ def _parse_call(node: ast.AST, where: str) -> _Call:
             raise ExpressionError(f"{where}: **-unpacking is not supported in policy expressions")
         if kw.arg in out:
             raise ExpressionError(f"{where}: {name}() got parameter {kw.arg!r} twice")
-        if kw.arg not in params and not open_kwargs:
+        # sliding_layers: the registry's option of every eviction policy (get_policy applies it), not a constructor's
+        if kw.arg not in params and not open_kwargs and kw.arg != "sliding_layers":
             allowed = ", ".join(params) or "none"
             raise ExpressionError(f"{where}: policy {name!r} has no parameter {kw.arg!r}; its parameters: {allowed}")
         out[kw.arg] = _parse_value(kw.value, f"{where}: {name}({kw.arg}=...)")
