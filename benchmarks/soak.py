@@ -2,7 +2,7 @@
 
     python benchmarks/soak.py --configs streaming_kvquant2 --tokens 100000     # ~2 h on 2 cores: run it in the background
     python benchmarks/soak.py --configs streaming h2o decoding_budget duo learned_threshold --tokens 10000
-    python benchmarks/soak.py --tokens 2000 --out /tmp/soak-smoke               # a smoke run of every configuration
+    python benchmarks/soak.py --tokens 2000 --out runs/soak-smoke               # a smoke run of every configuration
 
 SmolLM2-135M (``--model``), sampling on (temperature ``--temperature``, top-k ``--top-k``) with a fixed seed, one
 token per forward after a prompt of ``--prompt-tokens`` tokens of the harness's prose. Every step: ``cache.nbytes()``
