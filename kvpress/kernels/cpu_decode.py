@@ -48,11 +48,16 @@ def _cpu_flags() -> str:
 
 # -O3 -march=native: vector code for this CPU. Reassociating float sums (without -ffast-math's finite-math
 # assumptions, which would break the -inf of masked logits) lets GCC vectorise the dot products' reductions.
-CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros"]
+# -fopenmp: at::parallel_for is an inline OpenMP loop in torch's headers; without the flag it compiles to a serial
+# loop. The extension then shares torch's own libgomp (same soname, already loaded), so one thread pool serves both.
+CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
+          "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 
 
 def _build_name() -> str:
-    key = SOURCE.read_bytes() + _cpu_flags().encode() + torch.__version__.encode() + " ".join(CFLAGS).encode()
+    flags = " ".join(CFLAGS + LDFLAGS)
+    key = SOURCE.read_bytes() + _cpu_flags().encode() + torch.__version__.encode() + flags.encode()
     digest = hashlib.sha256(key).hexdigest()
     return f"kvpress_cpu_decode_{digest[:12]}"
 
@@ -68,6 +73,7 @@ def _load() -> tuple[ModuleType | None, str | None]:
             name=_build_name(),
             sources=[str(SOURCE)],
             extra_cflags=CFLAGS,
+            extra_ldflags=LDFLAGS,
             verbose=False,
         )
     except Exception as exc:  # no compiler, no ninja, a failed build: the torch paths still work

@@ -66,9 +66,9 @@ class DenseStorage(KVStorage):
                 self.values.reshape(-1, dim).index_select(0, rows).view(batch, heads, -1, dim),
                 positions.reshape(-1).index_select(0, rows).view(batch, heads, -1).to(POSITION_DTYPE),
             )
-        from kvpress.storage.ragged import RaggedStorage
-
-        return RaggedStorage.from_padded(self.keys, self.values, positions, keep)
+        # Heads keep different counts: ragged storage (kvpress.storage.ragged, which builds on this module; found
+        # through the storage registry so that the two modules do not import each other).
+        return KVStorage.kinds["RaggedStorage"].from_padded(self.keys, self.values, positions, keep)
 
     def tensors(self) -> list[torch.Tensor]:
         held = [t for t in (self.keys, self.values, self.positions) if t is not None]
