@@ -297,6 +297,18 @@ void merge_partials(int P, int M, int D, const float* mx, const float* sm, const
   }
 }
 
+// Merge every (batch, kv_head)'s P partial states (mx, sm [BH, P, M], acc [BH, P, M, D]) into out [BH, M, D], lse.
+void merge_all(int64_t BH, int64_t P, int64_t M, int64_t D, const at::Tensor& mx, const at::Tensor& sm,
+               const at::Tensor& acc, at::Tensor& out, at::Tensor& lse) {
+  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      merge_partials(P, M, D, mx.data_ptr<float>() + bh * P * M, sm.data_ptr<float>() + bh * P * M,
+                     acc.data_ptr<float>() + bh * P * M * D, out.data_ptr<float>() + bh * M * D,
+                     lse.data_ptr<float>() + bh * M);
+    }
+  });
+}
+
 // Token splits per head so that every thread gets work: at least 256 tokens a split.
 int64_t split_len(int64_t n, int64_t heads) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
@@ -384,13 +396,7 @@ std::vector<at::Tensor> quant_decode(const at::Tensor& q, const at::Tensor& k_co
       }
     });
   });
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      merge_partials(P, M, D, mx.data_ptr<float>() + bh * P * M, sm.data_ptr<float>() + bh * P * M,
-                     acc.data_ptr<float>() + bh * P * M * D, out.data_ptr<float>() + bh * M * D,
-                     lse.data_ptr<float>() + bh * M);
-    }
-  });
+  merge_all(B * H, P, M, D, mx, sm, acc, out, lse);
   return {out, lse};
 }
 
@@ -447,13 +453,7 @@ std::vector<at::Tensor> ragged_decode(const at::Tensor& q, const at::Tensor& key
       }
     });
   });
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      merge_partials(P, M, D, mx.data_ptr<float>() + bh * P * M, sm.data_ptr<float>() + bh * P * M,
-                     acc.data_ptr<float>() + bh * P * M * D, out.data_ptr<float>() + bh * M * D,
-                     lse.data_ptr<float>() + bh * M);
-    }
-  });
+  merge_all(B * H, P, M, D, mx, sm, acc, out, lse);
   return {out, lse};
 }
 
