@@ -163,3 +163,20 @@ def test_storage_decode_through_cpp_after_uneven_eviction():
     assert st.valid is not None and st.body.group_len is not None
     _decode_vs_reference(st, q_heads=4, allowed=st.valid.unsqueeze(2), backend="cpp")
 
+
+
+@pytest.mark.parametrize("spread", [50.0, 200.0, 2000.0])
+def test_ragged_logits_far_below_the_maximum_underflow_to_zero_not_nan(spread):
+    """Real attention has logits hundreds below the row's maximum (sinks); the kernel's exp must give ~0 there,
+    never NaN or garbage (the base-2 exponent is clamped, not x)."""
+    g = torch.Generator().manual_seed(int(spread))
+    lengths = torch.tensor([[300, 77]])
+    total = int(lengths.sum())
+    keys = torch.randn(total, 64, generator=g)
+    keys[::7] *= spread / 8  # some keys dominate by up to `spread` logits
+    values = torch.randn(total, 64, generator=g)
+    q = torch.randn(1, 2, 3, 64, generator=g)
+    with kernels.force_backend("cpp"):
+        part = kernels.ragged_decode(q, keys, values, lengths, None)
+    assert torch.isfinite(part.out).all() and torch.isfinite(part.lse).all()
+    torch.testing.assert_close(part.out.double(), ragged64(q, keys, values, lengths, None), rtol=1e-4, atol=ATOL)

@@ -115,7 +115,9 @@ inline float dot(const float* __restrict a, const float* __restrict b, int D) {
 // exp(x) for x <= 0 (or -inf: exactly 0), branch-free so that a loop of it vectorises: 2^(x log2 e) as a power of
 // two times a degree-6 polynomial of the fraction (relative error < 2e-7, below float32 rounding of the sums).
 inline float exp_nonpositive(float x) {
-  const float t = std::max(x, -126.f) * 1.44269504088896341f;
+  // Clamp the base-2 exponent (not x) at -126, the smallest normal float: below that exp(x) < 1.2e-38, which no
+  // softmax sum (>= 1, its maximum's term) can see, and a smaller exponent would not fit the float's 8 bits.
+  const float t = std::max(x * 1.44269504088896341f, -126.f);
   const float fi = std::floor(t);
   const float f = t - fi;
   float p = 1.535336188319500e-4f;
