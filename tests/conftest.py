@@ -31,3 +31,19 @@ def gemma3():
     import kvpress
 
     return kvpress.load_model("gemma3-270m")
+
+
+# A tiny model saved to disk and a six-cell sweep spec over it, shared by the sweep run and fault-injection tests
+# (module-scoped: each test module saves its own copy).
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from sweep_fixtures import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def spec_path(model_dir, tmp_path_factory):
+    from sweep_fixtures import write_spec
+
+    return write_spec(tmp_path_factory.mktemp("spec") / "six.toml", model_dir)

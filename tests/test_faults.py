@@ -26,7 +26,7 @@ from kvpress.policies import H2O, Policy, SnapKV
 from kvpress.quant import KVQuant
 from kvpress.sweep import ResultStore, load_spec, plan, run_sweep
 from kvpress.sweep import store as store_module
-from sweep_fixtures import save_tiny_model, snapshot, stable_records, write_spec
+from sweep_fixtures import snapshot, stable_records, write_spec
 from tiny_models import left_padded_batch, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,16 +123,6 @@ def test_exception_with_quantized_storage_restores_the_model(phase):
 
 
 # ------------------------------------------------------------------------------------ failing writes
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def spec_path(model_dir, tmp_path_factory):
-    return write_spec(tmp_path_factory.mktemp("spec") / "six.toml", model_dir)
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(spec_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "store"

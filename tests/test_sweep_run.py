@@ -18,19 +18,9 @@ from kvpress.policies import Policy, register_policy
 from kvpress.policies.registry import _REGISTRY
 from kvpress.sweep import ResultStore, StoreError, load_spec, plan, run_sweep, write_report
 
-from sweep_fixtures import report_without_times, save_tiny_model, snapshot, stable_records, write_spec
+from sweep_fixtures import report_without_times, snapshot, stable_records, write_spec
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def spec_path(model_dir, tmp_path_factory):
-    return write_spec(tmp_path_factory.mktemp("spec") / "six.toml", model_dir)
 
 
 @pytest.fixture(scope="module")
