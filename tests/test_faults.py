@@ -149,13 +149,15 @@ def _full_disk_after(monkeypatch, n_ok: int) -> list[str]:
     return attempts
 
 
-def _check_store(out: Path) -> set[str]:
-    """Every record whole and named by its key, no temporary file left; the stored keys."""
+def _check_store(out: Path, *, killed: bool = False) -> set[str]:
+    """Every record whole and named by its key, no temporary file left (``killed``: a SIGKILLed writer may leave
+    them, but no reader takes one for a record); the stored keys."""
     cells = out / "cells"
     for path in cells.glob("*.json"):
         record = json.loads(path.read_text(encoding="utf-8"))
         assert record["key"] == path.stem and record["status"] == "ok"
-    assert not list(cells.glob(".*.tmp")), "a failed write left its temporary file"
+    if not killed:
+        assert not list(cells.glob(".*.tmp")), "a failed write left its temporary file"
     return ResultStore.open(out).finished_keys()
 
 
@@ -255,14 +257,34 @@ def test_sigkill_mid_ray_sweep_then_resume_runs_exactly_the_missing_cells(spec_p
         except ProcessLookupError:
             pass
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    stored = _check_store(out)
+    stored = _check_store(out, killed=True)
     assert 2 <= len(stored) < 6
-    before = snapshot(out / "cells")
+    before = {k: v for k, v in snapshot(out / "cells").items() if not k.endswith(".tmp")}
     summary = run_sweep(spec_path, out, backend="ray", workers=2, progress=False)
     all_keys = {c.key for c in plan(load_spec(spec_path)).cells}
     assert set(summary.ran) == all_keys - stored and summary.skipped == len(stored)
     assert {k: v for k, v in snapshot(out / "cells").items() if k in before} == before
     assert stable_records(out) == stable_records(uninterrupted)
+    _check_store(out)  # the rerun removed the killed driver's temporary files
+
+
+def test_a_rerun_removes_the_temporary_files_of_dead_writers_only(spec_path, tmp_path):
+    """A killed writer's ``.tmp`` (its pid gone) is removed when the store is opened for writing; a live writer's
+    and another host's are kept, and none is ever read as a record."""
+    out = tmp_path / "store"
+    store = ResultStore.open(out, create=True, for_writing=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = store_module._host()
+    names = {"dead": f".k1.json.{host}.{dead.pid}.{'a' * 32}.tmp", "live": f".k2.json.{host}.{os.getpid()}.{'b' * 32}.tmp",
+             "other_host": f".k3.json.elsewhere.{dead.pid}.{'c' * 32}.tmp"}
+    for name in names.values():
+        (store.cells_dir / name).write_text("{\"key\": \"half", encoding="utf-8")
+    assert store.finished_keys() == set()
+    ResultStore.open(out, for_writing=True)
+    left = {p.name for p in store.cells_dir.iterdir()}
+    assert left == {names["live"], names["other_host"]}
+    assert ResultStore.open(out).finished_keys() == set()  # reading never removes or reads them
 
 
 @pytest.mark.slow

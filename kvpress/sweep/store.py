@@ -8,7 +8,9 @@
 A record is written to a temporary file in ``cells/`` and hard-linked to its final name: the name appears only
 with complete content, and linking fails if the name exists, so a record is never overwritten (two runs on
 one store finishing the same cell keep the first). A write that fails (a full disk) removes its temporary file
-and raises; a killed process leaves at most stray ``.tmp`` files, which no reader takes for records.
+and raises; a killed process leaves at most stray ``.tmp`` files, which no reader takes for records. A temporary
+file's name carries its writer's host and pid, so opening the store for writing removes those left by writers
+that are gone (on this host; another host's files are left alone, as their writer may still be running).
 
 Version rule: the store records the kvpress version that created it. ``run`` refuses a store made by another
 kvpress version (its cells are keyed on that version, so none would be reused and the report would mix
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -37,9 +40,13 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def _host() -> str:
+    return socket.gethostname().replace(".", "_")  # no dots: the temporary name is split on them
+
+
 def _write_new(path: Path, payload: dict[str, Any]) -> bool:
     """Write ``payload`` as JSON to ``path`` atomically if ``path`` does not exist; False if it did."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = path.with_name(f".{path.name}.{_host()}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
         with tmp.open("w", encoding="utf-8") as fh:
             json.dump(payload, fh, indent=1, ensure_ascii=False, sort_keys=False)
@@ -56,6 +63,16 @@ def _write_new(path: Path, payload: dict[str, Any]) -> bool:
         return False
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
 
 
 class ResultStore:
@@ -105,7 +122,24 @@ class ResultStore:
             )
         store.cells_dir.mkdir(exist_ok=True)
         store.errors_dir.mkdir(exist_ok=True)
+        if for_writing:
+            store.remove_orphaned_temporaries()
         return store
+
+    def remove_orphaned_temporaries(self) -> list[Path]:
+        """Remove the ``.tmp`` files of writers on this host that no longer run (a killed sweep); the removed paths."""
+        removed = []
+        host = _host()
+        for folder in (self.cells_dir, self.errors_dir):
+            for tmp in folder.glob(".*.tmp"):
+                fields = tmp.name[:-len(".tmp")].rsplit(".", 3)
+                if len(fields) != 4 or fields[1] != host or not fields[2].isdigit():
+                    continue  # another host's writer, or not a name this store writes
+                if _process_alive(int(fields[2])):
+                    continue
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+        return removed
 
     # -- reading -------------------------------------------------------------------------------------------
     def finished_keys(self) -> set[str]:
