@@ -105,3 +105,42 @@ def test_no_committed_file_names_a_path_of_the_machine():
             for match in pattern.finditer(path.read_text(encoding="utf-8", errors="replace")):
                 found.append(f"{name}: {match.group(0)}")
     assert not found, found[:10]
+
+
+SECOND_MODEL_SPEC = """
+name = "records-second-model"
+models = ["{model}"]
+tasks = ["niah_single_noise"]
+policies = ["knorm"]
+ratios = [0.5]
+lengths = [700]
+samples = 1
+[task.niah_single_noise]
+max_new_tokens = 2
+"""
+
+
+def test_two_specs_two_models_one_store_one_report(store, monkeypatch, capsys):
+    """A second spec on another model runs into the same store (as the leaderboard's Gemma grid does); the export
+    takes the cells of the specs it is given, and the report has a summary and plots per model."""
+    monkeypatch.chdir(store)
+    save_tiny_model(store / "other")
+    spec_a = store / "spec.toml"
+    spec_b = write_spec(store / "second.toml", Path("other"), SECOND_MODEL_SPEC)
+    summary = run_sweep(spec_b, store / "store", progress=False)
+    assert summary.done == 2  # knorm(0.5) and the uncompressed run
+    assert kvpress_main(["sweep", "export", "store", "--spec", str(spec_b), "--out", "b_only.jsonl"]) == 0
+    assert {r["model"] for r in RecordsFile(store / "b_only.jsonl").records()} == {"other"}
+    assert kvpress_main(["sweep", "export", "store", "--spec", str(spec_a), str(spec_b), "--out", "both.jsonl"]) == 0
+    records = list(RecordsFile(store / "both.jsonl").records())
+    assert {r["model"] for r in records} == {"tiny", "other"} and len(records) == 10
+    capsys.readouterr()
+    write_report(store / "both.jsonl", store / "two", title="two models")
+    report = (store / "two" / "report.md").read_text()
+    summary_text = report.split("## Summary", 1)[1].split("## Per task", 1)[0]
+    # the model with more cells first, each with its own headline table
+    assert summary_text.index("### tiny") < summary_text.index("### other")
+    assert "`knorm`" in summary_text.split("### other", 1)[1] and "`knorm`" not in summary_text.split("### other")[0]
+    for name in ("score_vs_ratio_tiny.png", "score_vs_ratio_other.png", "heatmap_niah_single_noise_other.png"):
+        assert (store / "two" / name).is_file(), name
+    assert "| model | task | policy |" in report

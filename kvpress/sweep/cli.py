@@ -79,7 +79,8 @@ def add_subcommand(subparsers) -> None:
                                  "runs: the report is rebuilt from the records)")
     rep.add_argument("--out", default=None, help="where tables and plots go (default DIR/report)")
     rep.add_argument("--markdown", default=None, help="write the Markdown here instead (image links relative)")
-    rep.add_argument("--spec", default=None, help="report only the cells of this spec (others in DIR are ignored)")
+    rep.add_argument("--spec", nargs="+", default=None, metavar="SPEC",
+                     help="report only the cells of these specs (others in DIR are ignored)")
     rep.add_argument("--title", default=None)
     rep.add_argument("--intro", default=None, help="a file whose text goes under the title")
     rep.add_argument("--readme", default=None, help="update the leaderboard block of this README with the summary")
@@ -88,7 +89,8 @@ def add_subcommand(subparsers) -> None:
     exp = sub.add_parser("export", help="the records of a results directory as compact JSON lines (provenance)")
     exp.add_argument("dir", help="results directory")
     exp.add_argument("--out", required=True, help="records file to write (JSON lines)")
-    exp.add_argument("--spec", default=None, help="export only the cells of this spec")
+    exp.add_argument("--spec", nargs="+", default=None, metavar="SPEC",
+                     help="export only the cells of these specs (one store can hold several, e.g. one per model)")
     exp.set_defaults(func=cmd_export)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
@@ -192,13 +194,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
-def _spec_keys(spec: str | None) -> list[str] | None:
-    if not spec:
+def _spec_keys(specs: list[str] | None) -> list[str] | None:
+    """The cell keys of every spec in ``specs`` (None: no filter)."""
+    if not specs:
         return None
     from kvpress.sweep.cells import plan
     from kvpress.sweep.spec import load_spec
 
-    return [c.key for c in plan(load_spec(spec)).cells]
+    return [c.key for spec in specs for c in plan(load_spec(spec)).cells]
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -192,6 +192,23 @@ def headline_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def model_order(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Models by how many rows they have (the main model of a sweep first), then by name."""
+    counts: dict[str, int] = defaultdict(int)
+    for r in rows:
+        counts[r["model"]] += 1
+    return sorted(counts, key=lambda m: (-counts[m], m))
+
+
+def summary_tables(rows: Sequence[dict[str, Any]]) -> str:
+    """The headline table, one per model under a ``###`` heading when the rows hold several models."""
+    models = model_order(rows)
+    if len(models) == 1:
+        return headline_table(rows)
+    return "\n\n".join(f"### {model}\n\n" + headline_table([r for r in rows if r["model"] == model])
+                       for model in models)
+
+
 def _held_per_ratio(rows: Sequence[dict[str, Any]], family: str, ratios: list[float]) -> str:
     """``"76 / 50 / 25"``: mean % of the uncompressed cache's bytes held by ``family`` at each ratio."""
     return " / ".join(pct(mean([r["kv_fraction"] for r in rows if r["family"] == family and r["ratio"] == x]), 0)
@@ -199,9 +216,12 @@ def _held_per_ratio(rows: Sequence[dict[str, Any]], family: str, ratios: list[fl
 
 
 def times_table(rows: Sequence[dict[str, Any]]) -> str:
-    lines = ["| task | policy | s/sample | prefill s/sample | decode s/sample |", "|---|---|---:|---:|---:|"]
+    several = len({r["model"] for r in rows}) > 1
+    lines = ["| " + ("model | " if several else "") + "task | policy | s/sample | prefill s/sample | decode s/sample |",
+             "|---|" + ("---|" if several else "") + "---|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['task']} | {code(r['policy'])} | {fmt(r['seconds_per_sample'], 2)} | "
+        lines.append("| " + (f"{r['model']} | " if several else "") + f"{r['task']} | {code(r['policy'])} | "
+                     f"{fmt(r['seconds_per_sample'], 2)} | "
                      f"{fmt(r['prefill_seconds_per_sample'], 2)} | {fmt(r['decode_seconds_per_sample'], 2)} |")
     return "\n".join(lines)
 
@@ -277,25 +297,31 @@ def write_report(store: str | Path | ResultStore | RecordsFile, out_dir: str | P
     out.mkdir(parents=True, exist_ok=True)
     md_path = Path(markdown) if markdown else out / "report.md"
     files = [write_csv(out / "scores.csv", rows, SCORE_FIELDS), write_csv(out / "times.csv", rows, TIME_FIELDS)]
+    models = model_order(rows)
+    several = len(models) > 1  # one summary and one set of plots per model (file names then carry the model)
     images: list[tuple[str, Path]] = []
     if plots:
-        figures = [("Score vs compression ratio", "score_vs_ratio.png", plot_score_vs_ratio(rows)),
-                   ("Score vs KV bytes held (Pareto front)", "score_vs_bytes.png", plot_score_vs_bytes(rows))]
-        for task in sorted({r["task"] for r in records}):
-            if any(s.get("needle_depth") is not None for r in records if r["task"] == task for s in r["samples"]):
-                figures.append((f"Needle depth x length: {task}", f"heatmap_{task}.png",
-                                plot_needle_heatmaps(records, task)))
-        for caption, name, fig in figures:
-            fig.savefig(out / name, dpi=100)
-            images.append((caption, out / name))
-            files.append(out / name)
+        for model in models:
+            m_rows = [r for r in rows if r["model"] == model]
+            m_records = [r for r in records if r["model"] == model]
+            tag, note = (f"_{model}", f" ({model})") if several else ("", "")
+            figures = [(f"Score vs compression ratio{note}", f"score_vs_ratio{tag}.png", plot_score_vs_ratio(m_rows)),
+                       (f"Score vs KV bytes held (Pareto front){note}", f"score_vs_bytes{tag}.png",
+                        plot_score_vs_bytes(m_rows))]
+            for task in sorted({r["task"] for r in m_records}):
+                if any(s.get("needle_depth") is not None for r in m_records if r["task"] == task for s in r["samples"]):
+                    figures.append((f"Needle depth x length: {task}{note}", f"heatmap_{task}{tag}.png",
+                                    plot_needle_heatmaps(m_records, task)))
+            for caption, name, fig in figures:
+                fig.savefig(out / name, dpi=100)
+                images.append((caption, out / name))
+                files.append(out / name)
     keys_failed = [e for e in store.errors() if keys is None or e["key"] in set(keys)]
-    models = sorted({r["model"] for r in records})
     lines = [f"# {title or 'Sweep report'}", ""]
     if intro:
         lines += [intro.strip(), ""]
     lines += [f"{len(records)} cells, kvpress {', '.join(versions)}, models: {', '.join(models)}. "
-              f"Failed cells: {len(keys_failed)}.", "", "## Summary", "", headline_table(rows), "",
+              f"Failed cells: {len(keys_failed)}.", "", "## Summary", "", summary_tables(rows), "",
               "## Per task", "", task_tables(rows), ""]
     if images:
         lines += ["## Plots", ""]
@@ -311,7 +337,7 @@ def write_report(store: str | Path | ResultStore | RecordsFile, out_dir: str | P
     md_path.write_text("\n".join(lines), encoding="utf-8")
     files.append(md_path)
     if readme:
-        update_readme(readme, headline_table(rows), source=_relative(md_path, Path(readme).parent))
+        update_readme(readme, summary_tables(rows), source=_relative(md_path, Path(readme).parent))
         files.append(Path(readme))
     return files
 
