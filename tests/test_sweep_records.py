@@ -144,3 +144,30 @@ def test_two_specs_two_models_one_store_one_report(store, monkeypatch, capsys):
     for name in ("score_vs_ratio_tiny.png", "score_vs_ratio_other.png", "heatmap_niah_single_noise_other.png"):
         assert (store / "two" / name).is_file(), name
     assert "| model | task | policy |" in report
+
+
+def test_the_committed_leaderboard_is_rebuilt_byte_for_byte_from_its_committed_records(tmp_path):
+    """`make leaderboard-report` from benchmarks/leaderboard/records.jsonl alone (no model run) gives the committed
+    LEADERBOARD.md, scores and times byte for byte, and the README's block is the one committed."""
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    records = root / "benchmarks" / "leaderboard" / "records.jsonl"
+    assert records.is_file(), "the leaderboard's cell records are committed next to its report"
+    work = tmp_path / "benchmarks"
+    work.mkdir()
+    readme = tmp_path / "README.md"
+    shutil.copy(root / "README.md", readme)
+    make = (root / "Makefile").read_text(encoding="utf-8")
+    title = re.search(r'--title "([^"]+)"', make.split("leaderboard-report:", 1)[1]).group(1)
+    write_report(records, work / "leaderboard", markdown=work / "LEADERBOARD.md", title=title,
+                 intro=(root / "benchmarks" / "leaderboard_intro.md").read_text(encoding="utf-8"), readme=readme)
+    assert (work / "LEADERBOARD.md").read_bytes() == (root / "benchmarks" / "LEADERBOARD.md").read_bytes()
+    for name in ("scores.csv", "times.csv"):
+        assert (work / "leaderboard" / name).read_bytes() == (root / "benchmarks" / "leaderboard" / name).read_bytes()
+    assert readme.read_bytes() == (root / "README.md").read_bytes()
+    tracked = subprocess.run(["git", "ls-files", "benchmarks/leaderboard"], cwd=root, capture_output=True, text=True)
+    if tracked.returncode == 0:  # every committed figure is one the report writes
+        figures = {Path(f).name for f in tracked.stdout.split() if f.endswith(".png")}
+        assert figures == {p.name for p in (work / "leaderboard").glob("*.png")}
