@@ -393,3 +393,57 @@ def test_head_split_decode_reads_each_dense_part_in_place_like_the_merged_view(m
             assert type(cache.layers[0].storage).__name__ == "HeadSplitStorage"
         logits[name] = torch.cat(steps, 1)
     torch.testing.assert_close(logits["in place"], logits["merged"], rtol=1e-5, atol=1e-5)
+
+
+def test_on_a_model_with_sliding_layers_only_the_full_layers_heads_are_ranked():
+    """Tiny Gemma 3 (layers 0 and 2 slide over 8 tokens, 1 and 3 are full): the sparsity is a share of the full
+    layers' heads; the sliding layers, though their gates are the lowest, are never made streaming, unless the
+    policy is told ``sliding_layers=True``."""
+    model = tiny_model("gemma3")
+    n_layers, kv = model.config.num_hidden_layers, model.config.num_key_value_heads
+    types = list(model.config.layer_types)
+    full = torch.tensor([t == "full_attention" for t in types])
+    gates = torch.where(full[:, None], 0.5, 0.01).expand(n_layers, kv).clone()
+    gates[full.nonzero()[0, 0], 0] = 0.2  # the lowest gate among the full layers' heads
+    pattern = _pattern(model, gates)
+    assert pattern.streaming(sparsity=1.0).all()  # no eligibility given: every layer
+    with pytest.raises(ValueError, match="eligible must be"):
+        pattern.streaming(sparsity=0.5, eligible=torch.ones(n_layers + 1, dtype=torch.bool))
+    n_full_heads = int(full.sum()) * kv
+    for sliding_layers, candidates in ((False, full), (True, torch.ones_like(full))):
+        policy = DuoAttention(pattern, sparsity=0.5, n_sink=SINK, window=WINDOW)
+        if sliding_layers:
+            policy.on_sliding_layers()
+        ids = torch.randint(3, 100, (1, 30), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad(), kvpress.patch(model, policy) as session:
+            cache = session.new_cache()
+            model(ids, **cache_kwargs(model, cache), use_cache=True)
+            streaming = policy.streaming_heads
+            n_candidates = int(candidates.sum()) * kv
+            assert int(streaming.sum()) == round(0.5 * n_candidates)
+            assert not streaming[~candidates].any()
+            if not sliding_layers:
+                # the lowest full-layer gate streams first; the sliding layers' (lower) gates are passed over
+                assert bool(streaming[full.nonzero()[0, 0], 0]) and int(streaming.sum()) == round(0.5 * n_full_heads)
+                for i, row in enumerate(cache.report()):
+                    if types[i] == "full_attention":
+                        want_min = SINK + WINDOW if streaming[i].any() else 30
+                        want_max = SINK + WINDOW if streaming[i].all() else 30
+                        assert (row.tokens_min, row.tokens_max) == (want_min, want_max)
+
+
+@pytest.mark.parametrize("method", ["trained", "needle"])
+def test_identification_on_a_model_with_sliding_layers_leaves_them_at_one(method, monkeypatch):
+    """Only the layers whose cache grows are identified: sliding layers' gates stay 1, the full ones move."""
+    from kvpress.duo import identify as identify_module
+
+    monkeypatch.setattr(identify_module, "examples", lambda *a, **k: _examples(length=30))
+    model = tiny_model("gemma3")
+    types = list(model.config.layer_types)
+    sliding = torch.tensor([t == "sliding_attention" for t in types])
+    assert sliding.any() and (~sliding).any()
+    cfg = IdentifyConfig(method=method, steps=3, prompts=2, n_sink=2, window=4, lr=0.5, init_logit=2.0, seed=0)
+    pattern = identify_module.identify(model, None, cfg, model_name="tiny-gemma3", progress=False)
+    assert torch.equal(pattern.gates[sliding], torch.ones_like(pattern.gates[sliding]))
+    assert (pattern.gates[~sliding] < 1).any()
+    assert pattern.metadata["identified_layers"] == ",".join(str(i) for i, t in enumerate(types) if t != "sliding_attention")

@@ -8,6 +8,8 @@ kernel against their float64 references in float32 / float16 / bfloat16.
 Tolerances as for the other kernels: float32 math from the same codes, so 5e-5 absolute against float64.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 from kernels_reference import attention64, dequantize64, make_body, ragged64, ragged_take
@@ -180,3 +182,21 @@ def test_ragged_logits_far_below_the_maximum_underflow_to_zero_not_nan(spread):
         part = kernels.ragged_decode(q, keys, values, lengths, None)
     assert torch.isfinite(part.out).all() and torch.isfinite(part.lse).all()
     torch.testing.assert_close(part.out.double(), ragged64(q, keys, values, lengths, None), rtol=1e-4, atol=ATOL)
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    """torch waits forever on a build lock; one left by a killed build (old) is removed, a running build's kept."""
+    import os
+    import time
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory("kvpress_lock_test", verbose=False)) / "lock"
+    lock.touch()
+    assert not cpu_decode.clear_stale_lock("kvpress_lock_test") and lock.exists()  # a build running now
+    old = time.time() - cpu_decode.STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="stale C\\+\\+ kernel build lock"):
+        assert cpu_decode.clear_stale_lock("kvpress_lock_test")
+    assert not lock.exists() and not cpu_decode.clear_stale_lock("kvpress_lock_test")

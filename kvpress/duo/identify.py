@@ -10,7 +10,9 @@ trainable parameters. Data: synthetic passkey prompts from the evaluation harnes
 depth in local prose, one or several keys; seeds disjoint from evaluation's), each followed by its answer. The loss is
 the relative MSE between the final hidden states of the frozen full-attention model and of the mixed model on the
 answer span, plus ``lam * mean(alpha)`` pushing gates toward streaming. Adam, one distinct prompt per step by default,
-deterministic for a seed (one thread). Sequences are short (default 640 tokens, sinks/window 16/64, scaled from the
+deterministic for a seed (one thread). On a model with sliding-window layers (Gemma 3) only the full-attention layers
+are identified: a sliding layer's cache is bounded already, so its gates stay at 1 (no streaming mix, no penalty)
+and the pattern's metadata lists the identified layers. Sequences are short (default 640 tokens, sinks/window 16/64, scaled from the
 paper's long contexts), so one step is one forward + backward of the model: the default 160 steps take about 19
 minutes on one CPU thread for SmolLM2-135M.
 
@@ -28,7 +30,7 @@ import torch
 
 from kvpress.duo.cheap import needle_scores
 from kvpress.duo.mixing import MixState, final_hidden, identification_attention
-from kvpress.duo.pattern import DuoPattern, _model_shape
+from kvpress.duo.pattern import DuoPattern, _model_shape, growing_layers, layer_types
 from kvpress.scorer.predictor import model_signature
 
 SEED_OFFSET = 20_000  # evaluation samples use seed 0 (the learned scorer 10_000+): identification never shares one
@@ -139,10 +141,16 @@ def train_gates(model: Any, data: list[Example], cfg: IdentifyConfig, progress: 
     layers, kv_heads = _model_shape(model)
     torch.manual_seed(cfg.seed)
     logits = torch.full((layers, kv_heads), float(cfg.init_logit), requires_grad=True)
+    # Sliding-window layers are bounded already: their gates stay at 1 (no streaming mix) and out of the penalty.
+    growing = growing_layers(model)[:, None].expand(layers, kv_heads)
+
+    def gates() -> torch.Tensor:
+        return torch.where(growing, torch.sigmoid(logits), torch.ones(()))
+
     opt = torch.optim.Adam([logits], lr=cfg.lr)
     frozen = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
-    state = MixState(cfg.n_sink, cfg.window, alpha=lambda: torch.sigmoid(logits))
+    state = MixState(cfg.n_sink, cfg.window, alpha=gates)
     bar = _progress(cfg.steps, progress)
     try:
         for step in range(cfg.steps):
@@ -152,7 +160,7 @@ def train_gates(model: Any, data: list[Example], cfg: IdentifyConfig, progress: 
             with identification_attention(model, state):
                 student = final_hidden(model, example.ids)[:, example.span]
             distill = _distillation(model, student, teacher, cfg.loss)
-            alpha = torch.sigmoid(logits)
+            alpha = torch.sigmoid(logits)[growing]
             loss = distill + cfg.lam * alpha.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -171,7 +179,7 @@ def train_gates(model: Any, data: list[Example], cfg: IdentifyConfig, progress: 
             bar.close()
         for p, flag in zip(model.parameters(), frozen):
             p.requires_grad_(flag)
-    return torch.sigmoid(logits.detach())
+    return gates().detach()
 
 
 def _progress(total: int, enabled: bool):
@@ -198,7 +206,9 @@ def identify(model: Any, tokenizer: Any, cfg: IdentifyConfig | None = None, *, m
                        f"{cfg.seed + SEED_OFFSET}), answer span distillation ({cfg.loss}), lam={cfg.lam}, "
                        f"lr={cfg.lr}")
     else:
-        gates = needle_scores(model, data, progress=progress)
+        scores, growing = needle_scores(model, data, progress=progress), growing_layers(model)[:, None]
+        top = scores.masked_fill(~growing, 0.0).max().clamp_min(1e-12)  # scaled over the layers that grow
+        gates = torch.where(growing, (scores / top).clamp(0, 1), 1.0)
         steps = 0
         description = (f"attention mass on the needle value from the answer span, {cfg.prompts} passkey prompts of "
                        f"{cfg.length} tokens ({', '.join(DATA_TASKS)}, seeds {cfg.seed + SEED_OFFSET})")
@@ -217,6 +227,9 @@ def identify(model: Any, tokenizer: Any, cfg: IdentifyConfig | None = None, *, m
         "threads": torch.get_num_threads(),
         "config": str(asdict(cfg)),
     }
+    types = layer_types(model)
+    if types is not None and "sliding_attention" in types:
+        meta["identified_layers"] = ",".join(str(i) for i, t in enumerate(types) if t != "sliding_attention")
     return DuoPattern(gates, meta)
 
 

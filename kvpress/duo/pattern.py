@@ -35,6 +35,24 @@ def _model_shape(model_or_config: Any) -> tuple[int, int]:
     return int(text.num_hidden_layers), int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
 
 
+def layer_types(model_or_config: Any) -> list[str] | None:
+    """The decoder's ``layer_types`` (``"full_attention"`` / ``"sliding_attention"``), or None if it has none."""
+    config = getattr(model_or_config, "config", model_or_config)
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    types = getattr(text, "layer_types", None)
+    return list(types) if types else None
+
+
+def growing_layers(model_or_config: Any) -> torch.Tensor:
+    """``[num_layers]`` bool: the layers whose cache grows with the context (not sliding-window ones), where
+    streaming heads save memory and where identification looks for them."""
+    layers, _ = _model_shape(model_or_config)
+    types = layer_types(model_or_config)
+    if types is None:
+        return torch.ones(layers, dtype=torch.bool)
+    return torch.tensor([t != "sliding_attention" for t in types])
+
+
 @dataclass
 class DuoPattern:
     """Gates ``[num_layers, kv_heads]`` (float32 in [0, 1]) and the metadata of how they were found."""
@@ -65,18 +83,27 @@ class DuoPattern:
     def where(self) -> str:
         return self.metadata.get("path", "the DuoAttention pattern")
 
-    def streaming(self, sparsity: float | None = None, threshold: float | None = None) -> torch.Tensor:
+    def streaming(self, sparsity: float | None = None, threshold: float | None = None,
+                  eligible: torch.Tensor | None = None) -> torch.Tensor:
         """``[num_layers, kv_heads]`` bool, True for streaming heads.
 
-        ``sparsity``: that fraction of all heads (rounded to the nearest count) with the lowest gates is streaming
-        (ties broken by layer then head, deterministic). ``threshold``: heads with a gate below it are streaming.
+        ``sparsity``: that fraction of the eligible heads (rounded to the nearest count) with the lowest gates is
+        streaming (ties broken by layer then head, deterministic). ``threshold``: eligible heads with a gate below
+        it are streaming. ``eligible``: ``[num_layers]`` bool, the layers the policy acts on (default all): on a
+        model with sliding-window layers only the full-attention ones, whose caches grow with the context, are
+        candidates; a sliding layer is never made streaming and never counts in the fraction.
         """
         if (sparsity is None) == (threshold is None):
             raise ValueError("give exactly one of sparsity or threshold")
+        layers = torch.ones(self.num_layers, dtype=torch.bool) if eligible is None else torch.as_tensor(
+            eligible, dtype=torch.bool).cpu()
+        if layers.shape != (self.num_layers,):
+            raise ValueError(f"eligible must be [{self.num_layers}] (one flag per layer), got {tuple(layers.shape)}")
+        candidate = layers[:, None].expand_as(self.gates)
         if threshold is not None:
-            return self.gates < float(threshold)
-        flat = self.gates.flatten()
-        n_stream = math.floor(float(sparsity) * flat.numel() + 0.5)
+            return (self.gates < float(threshold)) & candidate
+        flat = torch.where(candidate, self.gates, torch.inf).flatten()  # ineligible heads sort last
+        n_stream = math.floor(float(sparsity) * int(candidate.sum()) + 0.5)
         order = torch.sort(flat, stable=True).indices
         out = torch.zeros(flat.numel(), dtype=torch.bool)
         out[order[:n_stream]] = True

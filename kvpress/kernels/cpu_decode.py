@@ -12,7 +12,9 @@ both installed by ``make setup``; no other system package), cached under torch's
 that includes a hash of the source and the CPU's feature flags, so a cache shared across machines never runs
 code built for another CPU. ``python -m kvpress.kernels.cpu_decode`` builds it ahead of time (``make setup`` does).
 Where the build fails :func:`load_error` says why, and :mod:`kvpress.kernels.dispatch` falls back to the torch
-paths with one warning.
+paths with one warning. torch serialises builds with a ``lock`` file in the build directory and waits for it
+without a timeout, so a process killed mid-build would hang every later one: a lock older than
+:data:`STALE_LOCK_S` (a build takes about a minute) is removed with a warning before loading.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import functools
 import hashlib
 import os
 import platform
+import time
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -33,6 +37,7 @@ SOURCE = Path(__file__).with_name("cpu") / "decode.cpp"
 MAX_ROWS = 64  # query rows per KV head (q_heads / kv_heads * q_len) the kernel takes
 MAX_HEAD_DIM = 256
 BITS = (2, 3, 4, 8)
+STALE_LOCK_S = 600.0  # a build lock older than this was left by a killed build
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -62,6 +67,24 @@ def _build_name() -> str:
     return f"kvpress_cpu_decode_{digest[:12]}"
 
 
+def clear_stale_lock(name: str, max_age_s: float = STALE_LOCK_S) -> bool:
+    """Remove the build lock of extension ``name`` if it is older than ``max_age_s`` (left by a killed build,
+    which would make torch wait forever); True if one was removed."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age <= max_age_s:
+        return False
+    warnings.warn(f"kvpress: removing a stale C++ kernel build lock ({lock}, {age:.0f} s old: a build was killed)",
+                  RuntimeWarning, stacklevel=2)
+    lock.unlink(missing_ok=True)
+    return True
+
+
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[ModuleType | None, str | None]:
     if os.environ.get("KVPRESS_NO_CPP") == "1":
@@ -69,6 +92,7 @@ def _load() -> tuple[ModuleType | None, str | None]:
     try:
         from torch.utils.cpp_extension import load
 
+        clear_stale_lock(_build_name())
         module = load(
             name=_build_name(),
             sources=[str(SOURCE)],

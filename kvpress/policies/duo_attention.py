@@ -1,8 +1,9 @@
 """DuoAttention (Xiao et al., 2024): retrieval heads keep the whole cache, streaming heads sinks + a recent window.
 
 Which (layer, KV head) is which comes from a pattern of gates identified on the model (:mod:`kvpress.duo`): the
-``sparsity`` fraction of heads with the lowest gates (over the whole model) are streaming heads, or the heads whose
-gate is below ``threshold``. Applied after every forward (prefill, chunks, each decoding step), so streaming heads
+``sparsity`` fraction of heads with the lowest gates (over the layers the policy acts on: on a model with
+sliding-window layers, its full-attention layers unless ``sliding_layers=True``) are streaming heads, or the heads
+whose gate is below ``threshold``. Applied after every forward (prefill, chunks, each decoding step), so streaming heads
 hold at most ``n_sink + window`` tokens however long the generation; retrieval heads keep every token. Heads of one
 layer then hold different numbers of tokens: the layer is stored ragged (no padding held).
 """
@@ -24,7 +25,8 @@ class DuoAttention(RatioSized, Policy):
     Args:
         pattern: ``"auto"`` (the pattern shipped for the patched model, e.g. SmolLM2-135M), a path to a pattern file
             (``kvpress duo identify``), a :class:`~kvpress.duo.DuoPattern`, or a ``[layers, kv_heads]`` gate tensor.
-        sparsity: fraction of all heads made streaming (lowest gates first), in [0, 1].
+        sparsity: fraction of the heads made streaming (lowest gates first), in [0, 1], among the layers the policy
+            acts on (full-attention ones unless ``sliding_layers=True``).
         n_sink / window: what a streaming head keeps (``window >= 1``).
         threshold: instead of ``sparsity``: heads with a gate below it stream.
         compression_ratio: instead of ``sparsity`` (as in NVIDIA kvpress): the sparsity is sized at the first forward
@@ -87,11 +89,13 @@ class DuoAttention(RatioSized, Policy):
 
             self.pattern = as_pattern(pattern)  # a missing or malformed file fails here, at construction
         self._streaming: torch.Tensor | None = None
+        self._eligible: torch.Tensor | None = None  # [layers] bool: the layers this policy acts on (set at attach)
         self._apply_pattern()
 
     def _apply_pattern(self) -> None:
         if self.pattern is not None and (self.sparsity is not None or self.threshold is not None):
-            self._streaming = self.pattern.streaming(sparsity=self.sparsity, threshold=self.threshold)
+            self._streaming = self.pattern.streaming(sparsity=self.sparsity, threshold=self.threshold,
+                                                     eligible=self._eligible)
 
     def _size(self, n_tokens: int) -> None:
         if n_tokens == self._sized_for:
@@ -104,12 +108,16 @@ class DuoAttention(RatioSized, Policy):
 
     # -- setup -----------------------------------------------------------------------------------------------
     def attach(self, model: Any) -> None:
-        from kvpress.duo.pattern import embedded_pattern, load_pattern
+        from kvpress.duo.pattern import embedded_pattern, layer_types, load_pattern
 
         if self.pattern is None:
             self.pattern = load_pattern(embedded_pattern(model))
-            self._apply_pattern()
         self.pattern.check(model)
+        # Heads are ranked among the layers acted on: full-attention ones unless told sliding_layers=True (a
+        # sliding layer's ring is bounded already, so "sparsity" means the share of the growing layers' heads).
+        types = layer_types(model)
+        self._eligible = None if types is None else torch.tensor([self.acts_on(t) for t in types])
+        self._apply_pattern()
         if self.retrieval_policy is not None:
             self.retrieval_policy.attach(model)
 
