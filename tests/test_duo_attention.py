@@ -447,3 +447,7 @@ def test_identification_on_a_model_with_sliding_layers_leaves_them_at_one(method
     assert torch.equal(pattern.gates[sliding], torch.ones_like(pattern.gates[sliding]))
     assert (pattern.gates[~sliding] < 1).any()
     assert pattern.metadata["identified_layers"] == ",".join(str(i) for i, t in enumerate(types) if t != "sliding_attention")
+    assert torch.equal(pattern.identified_layers, ~sliding)
+    # ranked among the identified layers, half of them stream (never a sliding layer)
+    streaming = pattern.streaming(sparsity=1.0, eligible=pattern.identified_layers)
+    assert torch.equal(streaming.any(-1), ~sliding)

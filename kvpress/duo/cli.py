@@ -65,8 +65,8 @@ def _info(args: argparse.Namespace) -> int:
     pattern = load_pattern(args.path)
     for key in sorted(pattern.metadata):
         print(f"{key}: {pattern.metadata[key]}")
-    streaming = pattern.streaming(sparsity=args.sparsity)
-    print(f"gates (layer: per KV head; * = streaming at sparsity {args.sparsity}):")
+    streaming = pattern.streaming(sparsity=args.sparsity, eligible=pattern.identified_layers)
+    print(f"gates (layer: per KV head; * = streaming at sparsity {args.sparsity} among the identified layers):")
     for layer in range(pattern.num_layers):
         cells = " ".join(f"{float(g):.3f}{'*' if s else ' '}" for g, s in zip(pattern.gates[layer], streaming[layer]))
         print(f"  {layer:3d}: {cells}")

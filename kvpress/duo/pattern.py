@@ -109,6 +109,16 @@ class DuoPattern:
         out[order[:n_stream]] = True
         return out.view_as(self.gates)
 
+    @property
+    def identified_layers(self) -> torch.Tensor:
+        """``[num_layers]`` bool: the layers identification looked at (all, unless the metadata's
+        ``identified_layers`` lists the full-attention layers of a model with sliding-window ones)."""
+        listed = self.metadata.get("identified_layers")
+        out = torch.zeros(self.num_layers, dtype=torch.bool) if listed else torch.ones(self.num_layers, dtype=torch.bool)
+        if listed:
+            out[[int(i) for i in listed.split(",")]] = True
+        return out
+
     def retrieval_heads(self, fraction: float = 0.5) -> set[tuple[int, int]]:
         """The ``fraction`` of heads with the highest gates, as ``{(layer, head)}`` (to compare patterns)."""
         streaming = self.streaming(sparsity=1.0 - fraction)
