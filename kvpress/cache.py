@@ -18,7 +18,14 @@ from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLay
 
 from kvpress.compat import cache_layer_specs
 
-from kvpress.storage import AttentionView, DenseStorage, KVStorage, LazyAttentionView, SlidingWindowStorage
+from kvpress.storage import (
+    AttentionView,
+    DenseStorage,
+    KVStorage,
+    LazyAttentionView,
+    SlidingWindowStorage,
+    StorageNotReady,
+)
 from kvpress.storage.sliding import check_window
 
 StorageFactory = Callable[[int], KVStorage]
@@ -69,7 +76,12 @@ class CompressedLayer(CacheLayerMixin):
     def __init__(self, storage_factory: StorageFactory, layer_idx: int):
         # CacheLayerMixin.__init__ would set `keys`/`values` attributes; here they are views of the storage.
         self.storage_factory = storage_factory
-        self.storage = storage_factory(layer_idx)
+        try:
+            self.storage = storage_factory(layer_idx)
+            self.storage_pending = False
+        except StorageNotReady:  # built at the first update, once the policy is sized (an empty stand-in until then)
+            self.storage = DenseStorage()
+            self.storage_pending = True
         self.layer_idx = layer_idx
         self.seen_tokens = 0
         self.is_initialized = False
@@ -97,6 +109,9 @@ class CompressedLayer(CacheLayerMixin):
         """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.storage_pending:
+            self.storage = self.storage_factory(self.layer_idx)
+            self.storage_pending = False
         self.storage.append(key_states, value_states, self.seen_tokens)
         self.seen_tokens += key_states.shape[-2]
         self.last_view = self.storage.view()

@@ -32,7 +32,7 @@ from kvpress.compat import (
     output_cache,
 )
 from kvpress.context import ForwardContext, LayerContext
-from kvpress.policies.base import Policy
+from kvpress.policies.base import Policy, RatioSized
 from kvpress.policies.interface import Pipeline, is_storage_spec
 from kvpress.reposition import reposition, rope_inv_freqs
 from kvpress.storage import LazyAttentionView
@@ -120,6 +120,9 @@ class PatchSession:
         self.wants_hidden = bool(getattr(self.policy, "wants_hidden_states", False))
         if self.policy is not None:
             self.policy.attach(model)
+        storage_spec = policy.storage if isinstance(policy, Pipeline) else policy if is_storage_spec(policy) else None
+        if callable(getattr(storage_spec, "attach", None)):  # e.g. KVQuant's rotate="auto" looks at the model
+            storage_spec.attach(model)
         self.acts_at_decode = self.policy is not None and self.policy.acts_at("decode")
         if self.policy is not None and getattr(self.policy, "reposition", False):
             self.inv_freq = dict(enumerate(rope_inv_freqs(model)))
@@ -160,6 +163,8 @@ class PatchSession:
                 "attention_mask": mask,
                 "fresh": not isinstance(cache, Cache) or cache.get_seq_length() == 0,
             }
+            if self.forward_inputs["fresh"]:
+                self._size_ratio_policies(args, kwargs)
         if isinstance(cache, KVPressCache):
             self.active_cache = cache
             return args, kwargs
@@ -180,6 +185,17 @@ class PatchSession:
         else:
             kwargs[name] = replacement
         return args, kwargs
+
+    def _size_ratio_policies(self, args: tuple, kwargs: dict) -> None:
+        """A fresh cache's first forward sizes the policies given a ``compression_ratio`` instead of their native
+        size (StreamingLLM's window, DuoAttention's sparsity) before any layer runs, so that storage depending on
+        it (DuoAttention's head groups) can be built at the layers' first update."""
+        ids, embeds = kwargs.get("input_ids", args[0] if args else None), kwargs.get("inputs_embeds")
+        n = ids.shape[-1] if isinstance(ids, torch.Tensor) else embeds.shape[1] if isinstance(embeds, torch.Tensor) else 0
+        stages = self.policy.policies if isinstance(self.policy, Pipeline) else [self.policy]
+        for stage in stages:
+            if isinstance(stage, RatioSized) and not stage._fixed and n > 0:
+                stage._size(n)
 
     def _post_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
         """Raise if this forward ran with caching on but not through kvpress (never a silent no-op)."""

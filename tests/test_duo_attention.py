@@ -451,3 +451,37 @@ def test_identification_on_a_model_with_sliding_layers_leaves_them_at_one(method
     # ranked among the identified layers, half of them stream (never a sliding layer)
     streaming = pattern.streaming(sparsity=1.0, eligible=pattern.identified_layers)
     assert torch.equal(streaming.any(-1), ~sliding)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("how", ["generate", "new_cache"])
+def test_compression_ratio_sizes_at_the_first_forward_without_size_for(arch, how):
+    """`DuoAttention(compression_ratio=r)` straight under kvpress.patch (no size_for, as NVIDIA kvpress users write
+    it): the first forward sizes it before any layer stores, each layer's heads are split in two dense parts, and
+    the result equals the policy sized up front with size_for."""
+    model = tiny_model(arch)
+    n_layers, kv = model.config.num_hidden_layers, model.config.num_key_value_heads
+    gates = torch.rand(n_layers, kv, generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(4))
+    results = []
+    for sized in (False, True):
+        policy = DuoAttention(gates, compression_ratio=0.5, n_sink=SINK, window=WINDOW)
+        if sized:
+            policy.size_for(ids.shape[1])
+        with torch.no_grad(), kvpress.patch(model, policy) as session:
+            if how == "generate":
+                out = model.generate(ids, max_new_tokens=4, do_sample=False)
+                results.append((out.tolist(), policy.streaming_heads.clone()))
+                continue
+            cache = session.new_cache()
+            logits = model(ids, **cache_kwargs(model, cache), use_cache=True).logits
+            kinds = {type(layer.storage).__name__ for layer, t in zip(cache.layers, cache.layer_types())
+                     if t == "full_attention"}
+            assert kinds <= {"HeadSplitStorage", "DenseStorage"} and not any(layer.storage_pending for layer in cache.layers)
+            results.append((logits, policy.streaming_heads.clone(), cache.nbytes()))
+    assert policy.streaming_heads.any()
+    if how == "generate":
+        assert results[0][0] == results[1][0] and torch.equal(results[0][1], results[1][1])
+    else:
+        torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+        assert torch.equal(results[0][1], results[1][1]) and results[0][2] == results[1][2]

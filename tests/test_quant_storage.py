@@ -98,6 +98,27 @@ def test_rotate_auto_default(bits, key_bits, expected):
     st.append(*_kv(n=20), 0)
     view = st.view()
     assert (view.key_rotation is not None) == expected and (view.value_rotation is not None) == expected
+
+
+@pytest.mark.parametrize(("arch", "normalised"), [("llama", False), ("gemma3", True), ("qwen3", True)])
+def test_rotate_auto_leaves_normalised_keys_unrotated_at_two_bits(arch, normalised):
+    """Under the patch, 2-bit rotate="auto" rotates the values, and the keys only where the model does not
+    normalise them per head (QK-norm); explicit settings are left alone; params do not change."""
+    model = tiny_model(arch)
+    ids = torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(0))
+    for spec, want in ((KVQuant(bits=2, group_size=8, residual=4), (not normalised, True)),
+                       (KVQuant(bits=2, group_size=8, residual=4, rotate=True), (True, True)),
+                       (KVQuant(bits=4, group_size=8, residual=4), (False, False))):
+        params = spec.params()
+        with torch.no_grad(), kvpress.patch(model, spec) as session:
+            cache = session.new_cache()
+            model(ids, **cache_kwargs(model, cache), use_cache=True)
+            assert spec.rotated == want
+            storages = [getattr(layer.storage, "inner", layer.storage) for layer in cache.layers]
+            assert all(isinstance(st, QuantizedStorage) for st in storages)  # sliding rings hold one too
+            for st in storages:
+                assert (st.key_rotation is not None, st.value_rotation is not None) == want
+        assert spec.params() == params
     assert KVQuant(bits=4, rotate=True).rotated == (True, True)
     assert KVQuant(bits=2, rotate=False).rotated == (False, False)
     assert KVQuant(bits=2, rotate="keys").rotated == (True, False)

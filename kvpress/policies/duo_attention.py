@@ -17,6 +17,7 @@ import torch
 
 from kvpress.context import ForwardContext, LayerContext
 from kvpress.policies.base import Policy, RatioSized, check_fraction, check_int, check_ratio
+from kvpress.storage import StorageNotReady
 
 
 class DuoAttention(RatioSized, Policy):
@@ -125,9 +126,9 @@ class DuoAttention(RatioSized, Policy):
     def streaming_heads(self) -> torch.Tensor:
         """``[layers, kv_heads]`` bool, True for streaming heads (known once a pattern is loaded)."""
         if self._streaming is None:
-            if self.pattern is not None:
-                raise RuntimeError("DuoAttention(compression_ratio=...) knows its streaming heads after its first "
-                                   "forward (or size_for(n_tokens))")
+            if self.pattern is not None:  # the cache builds its layers' storage once kvpress.patch has sized us
+                raise StorageNotReady("DuoAttention(compression_ratio=...) knows its streaming heads after its first "
+                                      "forward (or size_for(n_tokens))")
             raise RuntimeError("DuoAttention(pattern='auto') has no pattern yet: kvpress.patch attaches it to the model")
         return self._streaming
 

@@ -32,6 +32,12 @@ _ROTATE_CHOICES = ("auto", "keys", "values")  # besides True / False
 
 
 @functools.lru_cache(maxsize=32)
+def keys_normalised(model: Any) -> bool:
+    """True if ``model``'s attention normalises each head's keys before RoPE (a ``k_norm`` module: Gemma 3, Qwen 3,
+    OLMo 2)."""
+    return any(hasattr(module, "k_norm") and hasattr(module, "k_proj") for module in model.modules())
+
+
 def _shared_rotation(head_dim: int, seed: int, block: int | None, device: str) -> torch.Tensor:
     return rotation_matrix(head_dim, seed=seed, block_size=block, device=device)
 
@@ -47,10 +53,14 @@ class KVQuant:
             policy that bounds each head to fewer than ``n_sink + R + F`` tokens (``StreamingLLM(window=64)``)
             nothing is ever quantized: composing them warns (:meth:`full_precision_capacity`).
         rotate: store keys and values Hadamard-rotated (random signs from ``seed``): ``True`` both, ``False``
-            neither, ``"keys"`` or ``"values"`` only that one. ``"auto"`` (the default) rotates both when the
-            narrowest code width (``min(key_bits, value_bits)``) is 2 bits, neither at 3 bits or more: on
-            SmolLM2 rotating both lowers perplexity by 3.4% at 2 bits, while at 3-4 bits the change is within
-            +-0.7% and flips sign between text lengths (``benchmarks/RESULTS.md``), so the matmuls are skipped.
+            neither, ``"keys"`` or ``"values"`` only that one. ``"auto"`` (the default) rotates nothing at 3 bits
+            or more, and at 2 bits (narrowest of ``key_bits``, ``value_bits``) the values, and the keys unless the
+            model normalises each head's keys (QK-norm: Gemma 3, Qwen 3; known once ``kvpress.patch`` attaches
+            the quantizer to the model). On SmolLM2 (no QK-norm) rotating both lowers 2-bit perplexity by 3.4%,
+            while at 3-4 bits the change is within +-0.7% and flips sign between text lengths, so the matmuls
+            are skipped; on Gemma-3-270M rotating its normalised keys at 2 bits kept 40% of the uncompressed
+            needle score against 93% with the values only (``benchmarks/RESULTS.md``): per-channel key groups
+            already follow the channel scales that the key norm's weights set, and a rotation mixes them.
         outlier_reorder: calibrate a channel permutation per layer from its first keys/values before the
             Hadamard (matters only for block-diagonal rotations, see ``rotation_block``).
         n_sink: the first ``n_sink`` tokens stay in full precision.
@@ -124,12 +134,17 @@ class KVQuant:
         ):
             raise ValueError(f"fp_dtype must be None or a floating torch dtype, got {self.fp_dtype!r}")
 
+    def attach(self, model: Any) -> None:
+        """Called by ``kvpress.patch``: what ``rotate="auto"`` needs to know of the model (whether it normalises
+        keys per head). Not part of the configuration (``params``, equality)."""
+        object.__setattr__(self, "_keys_normalised", keys_normalised(model))
+
     @property
     def rotated(self) -> tuple[bool, bool]:
-        """(rotate keys, rotate values), with ``rotate="auto"`` resolved from the code widths."""
+        """(rotate keys, rotate values), with ``rotate="auto"`` resolved from the code widths (and the model)."""
         if self.rotate == "auto":
-            both = min(self.key_bits or self.bits, self.value_bits or self.bits) <= 2
-            return both, both
+            two_bit = min(self.key_bits or self.bits, self.value_bits or self.bits) <= 2
+            return two_bit and not getattr(self, "_keys_normalised", False), two_bit
         if isinstance(self.rotate, str):
             return self.rotate == "keys", self.rotate == "values"
         return bool(self.rotate), bool(self.rotate)

@@ -1,8 +1,9 @@
 """Physical storage kinds for one layer's K/V: dense, ragged (per-head lengths), sliding-window rings, and (in kvpress.quant) quantized."""
 
-from kvpress.storage.base import AttentionView, KVStorage, LazyAttentionView
+from kvpress.storage.base import AttentionView, KVStorage, LazyAttentionView, StorageNotReady
 from kvpress.storage.dense import DenseStorage
 from kvpress.storage.ragged import RaggedStorage
 from kvpress.storage.sliding import SlidingWindowStorage
 
-__all__ = ["AttentionView", "KVStorage", "LazyAttentionView", "DenseStorage", "RaggedStorage", "SlidingWindowStorage"]
+__all__ = ["AttentionView", "KVStorage", "StorageNotReady", "LazyAttentionView", "DenseStorage", "RaggedStorage",
+           "SlidingWindowStorage"]

@@ -144,6 +144,12 @@ class LazyAttentionView(AttentionView):
 StorageState = tuple[dict[str, torch.Tensor], dict[str, Any]]
 
 
+class StorageNotReady(RuntimeError):
+    """A storage spec cannot build a layer's storage yet: it depends on something the first forward fixes (e.g.
+    ``DuoAttention(compression_ratio=...)``'s streaming heads). The cache layer then builds it at its first update,
+    after ``kvpress.patch`` has sized the policy from that forward's length."""
+
+
 class KVStorage(ABC):
     """Physical storage of one layer's keys and values. One job: hold tokens, append, keep a subset.
 
