@@ -8,6 +8,7 @@ kernel against their float64 references in float32 / float16 / bfloat16.
 Tolerances as for the other kernels: float32 math from the same codes, so 5e-5 absolute against float64.
 """
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -42,8 +43,6 @@ def _check(part, q, keys, values, mask):
 
 
 def _cast_scales(body, dtype):
-    import dataclasses
-
     return dataclasses.replace(body, **{n: getattr(body, n).to(dtype) for n in ("k_scale", "k_zero", "v_scale", "v_zero")})
 
 
@@ -61,6 +60,26 @@ def test_body_matches_float64(case):
         with kernels.force_backend("cpp"):
             _check(kernels.quantized_decode(q, pb, mask), q, keys, values, mask)
             _check(kernels.quantized_decode(q, pb, None), q, keys, values, None)
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize(("bits", "d", "fraction", "gqa"), [(2, 64, 0.02, 3), (3, 64, 0.05, 1), (4, 128, 0.01, 4),
+                                                            (2, 256, 0.01, 4)])
+def test_body_with_gear_outliers_matches_float64(bits, d, fraction, gqa, scale_dtype):
+    """GEAR's exact outlier entries (a few per token row) through the C++ kernel: keys corrected in the logits,
+    values written back; batch 2, lengths off the group and split sizes, evicted (token-grouped) too."""
+    body = _cast_scales(make_body(bits, bits, 32, d, 2, 3, 640, outlier_fraction=fraction, seed=bits + d),
+                        scale_dtype)
+    assert body.k_out_val is not None and body.k_out_val.shape[-1] >= 1
+    body = dataclasses.replace(body, k_out_val=body.k_out_val.to(scale_dtype), v_out_val=body.v_out_val.to(scale_dtype))
+    taken, valid = ragged_take(body, torch.tensor([[600, 31, 64], [5, 640, 1]]), seed=bits)
+    for pb, mask in ((packed_body(body, 1), None), (packed_body(body, 333), _mask(2, 3, 1, 333, seed=d)),
+                     (packed_body(taken), valid.unsqueeze(2))):
+        assert pb.n_outliers >= 1
+        q = _query(2, 3, gqa, d, seed=pb.n_tokens)
+        keys, values = dequantize64(pb)
+        with kernels.force_backend("cpp"):
+            _check(kernels.quantized_decode(q, pb, mask), q, keys, values, mask)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

@@ -158,17 +158,21 @@ def quant_decode_cpu(
         empty_i = torch.zeros(b, h, 1, 1, dtype=torch.int32)
         out, lse = _profiled("quant_decode", module.quant_decode,
             q, empty_i, empty, empty, empty_i, empty, empty, None, None, None, None,
-            ex_k, ex_v, _bool(exact_mask), 2, 2, 1, 1, 0, q_len,
+            ex_k, ex_v, _bool(exact_mask), 2, 2, 1, 1, 0, q_len, None, None, None, None,
         )  # fmt: skip
         return AttentionPartial(out, lse)
-    if body.rank or body.n_outliers:
-        raise ValueError("the C++ quantized decode kernel does not take GEAR low-rank or outlier terms")
+    if body.rank:
+        raise ValueError("the C++ quantized decode kernel does not take GEAR low-rank terms")
+    outliers: list[torch.Tensor | None] = [None] * 4
+    if body.n_outliers:  # exact values in the scales' dtype, channel indices as int32
+        outliers = [body.k_out_val.to(body.k_scale.dtype).contiguous(), body.k_out_idx.to(torch.int32).contiguous(),
+                    body.v_out_val.to(body.k_scale.dtype).contiguous(), body.v_out_idx.to(torch.int32).contiguous()]
     out, lse = _profiled("quant_decode", module.quant_decode,
         q, *(t.contiguous() for t in (body.k_codes, body.k_scale, body.k_zero, body.v_codes, body.v_scale,
                                       body.v_zero)),
         None if body.group_ids is None else body.group_ids.to(torch.int32).contiguous(), _bool(body_mask), _f32(key_rotation), _f32(value_rotation),
         ex_k, ex_v, _bool(exact_mask), body.key_bits, body.value_bits, body.group_size, body.value_group,
-        body.n_tokens, q_len,
+        body.n_tokens, q_len, *outliers,
     )  # fmt: skip
     return AttentionPartial(out, lse)
 

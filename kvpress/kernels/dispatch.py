@@ -119,7 +119,7 @@ def cpp_unsupported(device: torch.device, cpp: dict | None) -> str | None:
         return f"tensors are on {device.type}: the C++ kernels run on CPU"
     case = dict(cpp)
     if case.pop("gear", False):
-        return "GEAR low-rank / outlier terms are not fused in the C++ kernel"
+        return "GEAR low-rank terms are not fused in the C++ kernel"
     return cpu_decode.unsupported(**case) or cpu_decode.load_error()
 
 
@@ -169,7 +169,7 @@ def _quant_cases(query: torch.Tensor, body: PackedBody, dtype: torch.dtype | Non
                        bits=(body.key_bits, body.value_bits), value_group=body.value_group,
                        scale_dtype=body.k_scale.dtype)  # fmt: skip
     cpp_case = dict(rows=query.shape[2], head_dim=body.head_dim, dtype=dtype or query.dtype,
-                    bits=(body.key_bits, body.value_bits), gear=bool(body.rank or body.n_outliers))  # fmt: skip
+                    bits=(body.key_bits, body.value_bits), gear=bool(body.rank))  # fmt: skip
     return triton_case, cpp_case
 
 

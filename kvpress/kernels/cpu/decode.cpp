@@ -3,7 +3,8 @@
 //
 //   quant_decode   attention of the M query rows of each (batch, kv_head) over a packed quantized body
 //                  (KIVI axes: keys per-channel in groups of G tokens, values per-token groups of channels;
-//                  2/3/4/8-bit codes in int32 words, little-endian bit stream) and an exact full-precision
+//                  2/3/4/8-bit codes in int32 words, little-endian bit stream; optional GEAR outliers: a few exact
+//                  entries per token row written back over the dequantized ones) and an exact full-precision
 //                  segment (sinks, residual window, this step's tokens), merged by log-sum-exp. The query is
 //                  rotated into the body's key basis and the body's output rotated back here, so the caller
 //                  makes one call per layer. Twin of quant_decode_torch + dense_partial + merge.
@@ -207,6 +208,12 @@ struct Body {
   const int32_t* group_ids;  // [N] or null
   int64_t wk, wv;
   int key_bits, value_bits, group_size, value_group;
+  // GEAR outliers: n_out exact entries per token row, written back over the dequantized value at their channel.
+  const S* k_out_val = nullptr;  // [N, n_out]
+  const int32_t* k_out_idx = nullptr;
+  const S* v_out_val = nullptr;
+  const int32_t* v_out_idx = nullptr;
+  int n_out = 0;
 };
 
 // Attention of rows q [M, D] (in the body's key basis) over body tokens [t_begin, t_end).
@@ -217,6 +224,8 @@ void attend_body(const float* q, int M, int D, const Body<S>& b, int64_t t_begin
   const int ngv = D / b.value_group;
   std::vector<float> qs(static_cast<size_t>(M) * D), qz(M), kc(D), vb(static_cast<size_t>(TB) * D);
   int64_t group = -1;
+  const S* sc = nullptr;  // the current key group's per-channel scale and zero
+  const S* ze = nullptr;
   for (int64_t t0 = t_begin; t0 < t_end; t0 += TB) {
     const int nt = static_cast<int>(std::min<int64_t>(TB, t_end - t0));
     for (int t = 0; t < nt; ++t) {
@@ -224,8 +233,8 @@ void attend_body(const float* q, int M, int D, const Body<S>& b, int64_t t_begin
       const int64_t g = b.group_ids ? b.group_ids[tok] : tok / b.group_size;
       if (g != group) {  // fold this key group's per-channel scale into the query, its zero into a bias
         group = g;
-        const S* sc = b.k_scale + g * D;
-        const S* ze = b.k_zero + g * D;
+        sc = b.k_scale + g * D;
+        ze = b.k_zero + g * D;
         for (int m = 0; m < M; ++m) {
           const float* qm = q + static_cast<int64_t>(m) * D;
           float* qsm = qs.data() + static_cast<int64_t>(m) * D;
@@ -242,6 +251,16 @@ void attend_body(const float* q, int M, int D, const Body<S>& b, int64_t t_begin
         lg[m * TB + t] = mask.allowed(m, tok) ? qz[m] + dot(qs.data() + static_cast<int64_t>(m) * D, kc.data(), D)
                                               : NEG_INF;
       }
+      if (b.n_out > 0) {  // key outliers: q[c] * (exact - dequantized) added to each allowed logit
+        for (int j = 0; j < b.n_out; ++j) {
+          const int c = b.k_out_idx[tok * b.n_out + j];
+          const float delta = static_cast<float>(b.k_out_val[tok * b.n_out + j]) -
+                              (static_cast<float>(ze[c]) + kc[c] * static_cast<float>(sc[c]));
+          for (int m = 0; m < M; ++m) {
+            if (lg[m * TB + t] != NEG_INF) lg[m * TB + t] += q[static_cast<int64_t>(m) * D + c] * delta;
+          }
+        }
+      }
       float* vo = vb.data() + static_cast<int64_t>(t) * D;
       unpack(b.value_bits, b.v_codes + tok * b.wv, D, vo);
       const S* vs = b.v_scale + tok * ngv;
@@ -250,6 +269,9 @@ void attend_body(const float* q, int M, int D, const Body<S>& b, int64_t t_begin
         const float s = static_cast<float>(vs[gi]), z = static_cast<float>(vz[gi]);
         float* x = vo + static_cast<int64_t>(gi) * b.value_group;
         for (int d = 0; d < b.value_group; ++d) x[d] = z + x[d] * s;
+      }
+      for (int j = 0; j < b.n_out; ++j) {  // value outliers: the exact value written back
+        vo[b.v_out_idx[tok * b.n_out + j]] = static_cast<float>(b.v_out_val[tok * b.n_out + j]);
       }
     }
     fold_block(p, M, D, nt, lg, vb.data());
@@ -342,7 +364,10 @@ std::vector<at::Tensor> quant_decode(const at::Tensor& q, const at::Tensor& k_co
                                      const c10::optional<at::Tensor>& value_rotation, const at::Tensor& ex_k,
                                      const at::Tensor& ex_v, const c10::optional<at::Tensor>& ex_mask,
                                      int64_t key_bits, int64_t value_bits, int64_t group_size, int64_t value_group,
-                                     int64_t n_body, int64_t q_len) {
+                                     int64_t n_body, int64_t q_len, const c10::optional<at::Tensor>& k_out_val,
+                                     const c10::optional<at::Tensor>& k_out_idx,
+                                     const c10::optional<at::Tensor>& v_out_val,
+                                     const c10::optional<at::Tensor>& v_out_idx) {
   check(q.dim() == 4 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q must be contiguous float32 [B,H,M,D]");
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), D = q.size(3);
   check(M <= 64 && D <= 256, "at most 64 rows per KV head and head_dim <= 256");
@@ -360,6 +385,15 @@ std::vector<at::Tensor> quant_decode(const at::Tensor& q, const at::Tensor& k_co
   const float* vr =
       value_rotation.has_value() && value_rotation->defined() ? value_rotation->data_ptr<float>() : nullptr;
   const int32_t* gid = group_ids.has_value() && group_ids->defined() ? group_ids->data_ptr<int32_t>() : nullptr;
+  const bool has_out = k_out_val.has_value() && k_out_val->defined() && k_out_val->numel() > 0;
+  const int64_t n_out = has_out ? k_out_val->size(3) : 0;
+  if (has_out) {
+    check(k_out_val->scalar_type() == k_scale.scalar_type() && v_out_val->scalar_type() == k_scale.scalar_type() &&
+              k_out_idx->scalar_type() == at::kInt && v_out_idx->scalar_type() == at::kInt &&
+              k_out_val->is_contiguous() && v_out_val->is_contiguous() && k_out_idx->is_contiguous() &&
+              v_out_idx->is_contiguous() && v_out_val->size(3) == n_out,
+          "outliers: values in the scales' dtype, int32 channel indices, contiguous [B,H,N,n_out]");
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k_scale.scalar_type(), "kvpress_quant_decode", [&] {
     using S = scalar_t;
     at::parallel_for(0, B * H * P, 1, [&](int64_t begin, int64_t end) {
@@ -389,6 +423,13 @@ std::vector<at::Tensor> quant_decode(const at::Tensor& q, const at::Tensor& k_co
                      k_codes.size(3), v_codes.size(3),
                      static_cast<int>(key_bits), static_cast<int>(value_bits), static_cast<int>(group_size),
                      static_cast<int>(value_group)};
+        if (has_out) {
+          body.k_out_val = k_out_val->data_ptr<S>() + bh * N * n_out;
+          body.k_out_idx = k_out_idx->data_ptr<int32_t>() + bh * N * n_out;
+          body.v_out_val = v_out_val->data_ptr<S>() + bh * N * n_out;
+          body.v_out_idx = v_out_idx->data_ptr<int32_t>() + bh * N * n_out;
+          body.n_out = static_cast<int>(n_out);
+        }
         const int64_t t0 = part * slen, t1 = std::min(n_body, t0 + slen);
         attend_body<S>(qb, M, D, body, t0, t1, mask_of(body_mask, bh, q_len, n_body, 0), p);
         if (vr) {  // the body's output back from the rotated value basis (linear: before normalising)
