@@ -139,7 +139,7 @@ def quant_decode_cpu(
 
     Args:
         query: ``[B, H, M, D]`` float32, scaled, in the plain (unrotated) basis; ``M = groups * q_len``.
-        body: the packed body (no GEAR terms), or ``None`` when the layer has none yet.
+        body: the packed body (GEAR outliers fused; no low-rank terms), or ``None`` when the layer has none yet.
         exact_keys, exact_values: ``[B, H, E, D]`` full-precision tokens (plain basis).
         body_mask: ``[B, H, q_len, body.n_tokens]`` bool or ``None``; exact_mask ``[B, H, q_len, E]`` or ``None``.
         key_rotation, value_rotation: ``[D, D]`` when the body holds ``K @ R`` / ``V @ Rv``.
