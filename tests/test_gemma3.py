@@ -76,3 +76,31 @@ def test_kvquant_quantizes_every_layer(gemma3):
     ratios = cache.bytes_ratios()
     assert ratios["sliding_attention"] < 0.5 and ratios["full_attention"] < 0.5
     assert cache.nbytes() / full.nbytes() == pytest.approx(ratios["whole"], rel=1e-6)
+
+
+def test_shipped_predictor_and_duo_pattern_are_found_and_act_on_the_full_layers_only(gemma3):
+    """`Learned(...)` and `DuoAttention(...)` with their defaults find the files shipped for Gemma-3-270M (by model
+    signature); at ratio 0.5 on a 1,200-token prompt each full layer keeps what the policy says, and the sliding
+    rings are left as they are."""
+    from kvpress.policies import DuoAttention, Learned
+
+    model, tokenizer = gemma3
+    ids = torch.randint(10, 20_000, (1, 1200), generator=torch.Generator().manual_seed(2))
+    types = list(model.config.get_text_config(decoder=True).layer_types)
+    learned, duo = Learned(compression_ratio=0.5), DuoAttention(compression_ratio=0.25)
+    for policy in (learned, duo):
+        with torch.no_grad(), kvpress.patch(model, policy) as session:
+            cache = session.new_cache()
+            model(ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
+            full_held = 0
+            for row, layer_type in zip(cache.report(), types):
+                if layer_type == "sliding_attention":
+                    assert row.tokens_max == WINDOW - 1  # the ring, untouched
+                else:
+                    full_held += row.tokens_mean
+            if policy is learned:  # one budget over the full layers (KVzip's global scope): half of their tokens
+                assert full_held == pytest.approx(0.5 * 1200 * (len(types) - types.count("sliding_attention")), abs=3)
+            if policy is duo:  # one of the 3 full-layer heads streams: the lowest gate, layer 17
+                streaming = duo.streaming_heads
+                assert int(streaming.sum()) == 1 and bool(streaming[17, 0])
+    assert learned.predictor.metadata["model"] == "gemma3-270m" and duo.pattern.metadata["model"] == "gemma3-270m"
