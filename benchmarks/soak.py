@@ -198,7 +198,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from kvpress.eval.perplexity import load_text, tokenize_text
+    from kvpress.eval.text import load_text, tokenize_text
     from kvpress.models import load_model
 
     if args.threads:

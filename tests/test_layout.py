@@ -48,3 +48,32 @@ def test_readme_layout_lists_every_subpackage():
     listed = set(re.findall(r"^\s+([a-z_]+)/", block, re.M))
     subpackages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
     assert subpackages <= listed, sorted(subpackages - listed)
+
+
+def test_every_kvpress_import_in_the_package_benchmarks_and_notebooks_resolves():
+    """Names imported from kvpress (module level or inside functions, as the benchmarks' lazy imports are) exist:
+    a refactor that moves a helper cannot leave a script that fails only when run (soak.py did)."""
+    import ast
+    import importlib
+
+    root = Path(__file__).resolve().parents[1]
+    files = [*root.joinpath("kvpress").rglob("*.py"), *root.joinpath("benchmarks").glob("*.py"),
+             *root.joinpath("notebooks").glob("*.py")]
+    missing = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("kvpress")):
+                continue
+            try:
+                module = importlib.import_module(node.module)
+            except ImportError as err:
+                missing.append(f"{path.relative_to(root)}: {node.module} ({err})")
+                continue
+            for alias in node.names:
+                if alias.name == "*" or hasattr(module, alias.name):
+                    continue
+                try:
+                    importlib.import_module(f"{node.module}.{alias.name}")
+                except ImportError:
+                    missing.append(f"{path.relative_to(root)}: {node.module}.{alias.name}")
+    assert not missing, missing
