@@ -121,7 +121,7 @@ def soak(model, prompt: torch.Tensor, name: str, policy: Any, tokens: int, every
                     f"finite={row['cache_finite'] and nonfinite_logits == 0}")
                 sys.stdout.flush()
                 last, peak = now, 0
-    return {"config": name, "policy": repr(policy), "tokens": tokens, "every": every, "seed": seed,
+    return {"config": name, "policy_repr": repr(policy), "tokens": tokens, "every": every, "seed": seed,
             "prompt_tokens": int(prompt.shape[1]), "intervals": intervals, "verdict": verdict(name, intervals)}
 
 
