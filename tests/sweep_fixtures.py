@@ -51,9 +51,10 @@ def stable_records(store_dir: Path) -> dict[str, dict]:
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    """Content hash of every file under ``root`` (to show nothing was changed)."""
+    """Content hash of every file under ``root`` (to show nothing was changed), except a killed writer's ``.tmp``
+    leftovers: they are not records, and reopening the store for writing removes them."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+            for p in sorted(Path(root).rglob("*")) if p.is_file() and p.suffix != ".tmp"}
 
 
 def report_without_times(md: Path) -> str:

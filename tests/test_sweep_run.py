@@ -119,6 +119,7 @@ def test_killed_process_resumes_and_reports_like_an_uninterrupted_run(spec_path,
     all_keys = {c.key for c in plan(load_spec(spec_path)).cells}
     assert set(summary.ran) == all_keys - stored and summary.skipped == len(stored)
     assert {k: v for k, v in snapshot(out / "cells").items() if k in before} == before
+    assert not list((out / "cells").glob(".*.tmp"))  # the resume removed the killed run's temporary files
     write_report(out, out / "report")
     assert report_without_times(out / "report" / "report.md") == report_without_times(
         uninterrupted / "report" / "report.md")
