@@ -15,6 +15,7 @@ import pytest
 import torch
 from kernels_reference import attention64, dequantize64, make_body, ragged64, ragged_take
 from test_kernels_quant_decode import _decode_vs_reference, _filled_storage, _mask, _query
+from test_kernels_ragged_decode import _inputs
 
 from kvpress import kernels
 from kvpress.kernels import cpu_decode
@@ -133,14 +134,9 @@ def test_layer_call_merges_body_and_exact_segment_with_rotations(rotate, n_exact
                          ids=["b2h3", "b2h1", "b1h4"])  # fmt: skip
 @pytest.mark.parametrize("head_dim,gqa,q_len", [(64, 1, 1), (128, 3, 2), (64, 4, 1), (32, 8, 1)])
 def test_ragged_with_tail_matches_float64(dtype, lengths, head_dim, gqa, q_len):
-    g = torch.Generator().manual_seed(head_dim + gqa)
-    lengths = torch.tensor(lengths)
+    q, keys, values, lengths, mask = _inputs(lengths, head_dim, gqa, q_len, dtype, seed=head_dim + gqa)
     b, h = lengths.shape
-    total = int(lengths.sum())
-    keys = torch.randn(total, head_dim, generator=g).to(dtype)
-    values = torch.randn(total, head_dim, generator=g).to(dtype)
-    q = torch.randn(b, h, gqa * q_len, head_dim, generator=g) * head_dim**-0.5
-    mask = torch.rand(total, q_len, generator=g) > 0.25
+    g = torch.Generator().manual_seed(head_dim + gqa + 1)  # the tail's
     with kernels.force_backend("cpp"):
         for m in (mask, None):
             part = kernels.ragged_decode(q, keys, values, lengths, m)
@@ -173,16 +169,6 @@ def test_storage_decode_through_cpp_matches_float64(dtype, rotate):
     _decode_vs_reference(st, q_heads=6, allowed=allowed, backend="cpp")
     _decode_vs_reference(st, q_heads=2, q_len=3, backend="cpp")
     _decode_vs_reference(st, q_heads=16, backend="cpp")  # GQA 8
-
-
-def test_storage_decode_through_cpp_after_uneven_eviction():
-    st = _filled_storage(KVQuant(bits=3, group_size=16, residual=8, n_sink=2), torch.float32, n=300)
-    g = torch.Generator().manual_seed(5)
-    keep = torch.rand(2, 2, st.n_slots, generator=g) < torch.tensor([0.3, 0.9]).view(1, 2, 1)
-    keep[..., -1] = True
-    st = st.select(keep)
-    assert st.valid is not None and st.body.group_len is not None
-    _decode_vs_reference(st, q_heads=4, allowed=st.valid.unsqueeze(2), backend="cpp")
 
 
 

@@ -217,15 +217,16 @@ def test_storage_decode_segments_and_gear(spec):
     _decode_vs_reference(st, q_heads=8)
 
 
-def test_storage_decode_after_uneven_eviction():
+@pytest.mark.parametrize(("backend", "n"), [("torch", 100), ("cpp", 300)])  # cpp: long enough for token splits
+def test_storage_decode_after_uneven_eviction(backend, n):
     """Heads keep different numbers of tokens (padded slots, thinned key groups): valid slots only."""
-    st = _filled_storage(KVQuant(bits=3, group_size=16, residual=8, n_sink=2), torch.float32, n=100)
+    st = _filled_storage(KVQuant(bits=3, group_size=16, residual=8, n_sink=2), torch.float32, n=n)
     g = torch.Generator().manual_seed(5)
     keep = torch.rand(2, 2, st.n_slots, generator=g) < torch.tensor([0.3, 0.9]).view(1, 2, 1)
     keep[..., -1] = True
     st = st.select(keep)
     assert st.valid is not None and st.body.group_len is not None
-    _decode_vs_reference(st, q_heads=4, allowed=st.valid.unsqueeze(2))
+    _decode_vs_reference(st, q_heads=4, allowed=st.valid.unsqueeze(2), backend=backend)
 
 
 @needs_triton
