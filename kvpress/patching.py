@@ -194,8 +194,8 @@ class PatchSession:
         n = ids.shape[-1] if isinstance(ids, torch.Tensor) else embeds.shape[1] if isinstance(embeds, torch.Tensor) else 0
         stages = self.policy.policies if isinstance(self.policy, Pipeline) else [self.policy]
         for stage in stages:
-            if isinstance(stage, RatioSized) and not stage._fixed and n > 0:
-                stage._size(n)
+            if isinstance(stage, RatioSized) and n > 0:
+                stage.size_at_first_forward(n)
 
     def _post_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
         """Raise if this forward ran with caching on but not through kvpress (never a silent no-op)."""

@@ -30,7 +30,7 @@ import torch
 
 from kvpress.duo.cheap import needle_scores
 from kvpress.duo.mixing import MixState, final_hidden, identification_attention
-from kvpress.duo.pattern import DuoPattern, _model_shape, growing_layers, layer_types
+from kvpress.duo.pattern import DuoPattern, _model_shape, growing_layers
 from kvpress.scorer.predictor import model_signature
 
 SEED_OFFSET = 20_000  # evaluation samples use seed 0 (the learned scorer 10_000+): identification never shares one
@@ -199,6 +199,7 @@ def identify(model: Any, tokenizer: Any, cfg: IdentifyConfig | None = None, *, m
     cfg = cfg or IdentifyConfig()
     start = time.perf_counter()
     data = examples(tokenizer, cfg.prompts, cfg.length, cfg.seed)
+    growing = growing_layers(model)  # the layers identified: sliding-window ones keep gate 1
     if cfg.method == "trained":
         gates = train_gates(model, data, cfg, progress=progress, log=log)
         steps = cfg.steps
@@ -206,9 +207,9 @@ def identify(model: Any, tokenizer: Any, cfg: IdentifyConfig | None = None, *, m
                        f"{cfg.seed + SEED_OFFSET}), answer span distillation ({cfg.loss}), lam={cfg.lam}, "
                        f"lr={cfg.lr}")
     else:
-        scores, growing = needle_scores(model, data, progress=progress), growing_layers(model)[:, None]
-        top = scores.masked_fill(~growing, 0.0).max().clamp_min(1e-12)  # scaled over the layers that grow
-        gates = torch.where(growing, (scores / top).clamp(0, 1), 1.0)
+        scores = needle_scores(model, data, progress=progress)
+        top = scores[growing].max().clamp_min(1e-12)  # scaled over the layers that grow
+        gates = torch.where(growing[:, None], (scores / top).clamp(0, 1), 1.0)
         steps = 0
         description = (f"attention mass on the needle value from the answer span, {cfg.prompts} passkey prompts of "
                        f"{cfg.length} tokens ({', '.join(DATA_TASKS)}, seeds {cfg.seed + SEED_OFFSET})")
@@ -227,9 +228,8 @@ def identify(model: Any, tokenizer: Any, cfg: IdentifyConfig | None = None, *, m
         "threads": torch.get_num_threads(),
         "config": str(asdict(cfg)),
     }
-    types = layer_types(model)
-    if types is not None and "sliding_attention" in types:
-        meta["identified_layers"] = ",".join(str(i) for i, t in enumerate(types) if t != "sliding_attention")
+    if not bool(growing.all()):  # a model with sliding-window layers: say which layers were identified
+        meta["identified_layers"] = ",".join(str(i) for i in growing.nonzero().flatten().tolist())
     return DuoPattern(gates, meta)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from kvpress.compat import cache_layer_specs
 from kvpress.scorer.predictor import model_signature, shipped_for
 
 PATTERN_DIR = Path(__file__).parent / "patterns"
@@ -35,22 +36,18 @@ def _model_shape(model_or_config: Any) -> tuple[int, int]:
     return int(text.num_hidden_layers), int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
 
 
-def layer_types(model_or_config: Any) -> list[str] | None:
-    """The decoder's ``layer_types`` (``"full_attention"`` / ``"sliding_attention"``), or None if it has none."""
+def layer_types(model_or_config: Any) -> list[str]:
+    """The kind of every decoder layer (``"full_attention"``, ``"sliding_attention"``, ...), as the kvpress cache
+    lays them out (:func:`kvpress.compat.cache_layer_specs`)."""
     config = getattr(model_or_config, "config", model_or_config)
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    types = getattr(text, "layer_types", None)
-    return list(types) if types else None
+    return [kind for kind, _ in cache_layer_specs(text)]
 
 
 def growing_layers(model_or_config: Any) -> torch.Tensor:
-    """``[num_layers]`` bool: the layers whose cache grows with the context (not sliding-window ones), where
-    streaming heads save memory and where identification looks for them."""
-    layers, _ = _model_shape(model_or_config)
-    types = layer_types(model_or_config)
-    if types is None:
-        return torch.ones(layers, dtype=torch.bool)
-    return torch.tensor([t != "sliding_attention" for t in types])
+    """``[num_layers]`` bool: the full-attention layers, whose cache grows with the context (a sliding-window
+    ring is bounded already): where streaming heads save memory and where identification looks for them."""
+    return torch.tensor([kind == "full_attention" for kind in layer_types(model_or_config)])
 
 
 @dataclass

@@ -109,8 +109,14 @@ class RatioSized:
 
     def size_at(self, ctx: LayerContext, unsized: bool) -> None:
         """Size from this forward when it is a fresh cache's first one (or nothing is sized yet), unless fixed."""
-        if not self._fixed and (unsized or ctx.phase == "prefill"):
-            self._size(ctx.seq_len)
+        if unsized or ctx.phase == "prefill":
+            self.size_at_first_forward(ctx.seq_len)
+
+    def size_at_first_forward(self, n_tokens: int) -> None:
+        """Size from a fresh cache's first forward of ``n_tokens`` tokens, unless fixed (``kvpress.patch`` calls
+        this before the layers run, so storage that depends on the size can be built)."""
+        if not self._fixed:
+            self._size(n_tokens)
 
 
 class ScorePolicy(Policy):

@@ -116,8 +116,7 @@ class DuoAttention(RatioSized, Policy):
         self.pattern.check(model)
         # Heads are ranked among the layers acted on: full-attention ones unless told sliding_layers=True (a
         # sliding layer's ring is bounded already, so "sparsity" means the share of the growing layers' heads).
-        types = layer_types(model)
-        self._eligible = None if types is None else torch.tensor([self.acts_on(t) for t in types])
+        self._eligible = torch.tensor([self.acts_on(kind) for kind in layer_types(model)])
         self._apply_pattern()
         if self.retrieval_policy is not None:
             self.retrieval_policy.attach(model)
