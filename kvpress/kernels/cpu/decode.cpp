@@ -15,6 +15,8 @@
 // Rows: M = (q_heads / kv_heads) * q_len; row m is query token m % L of its head. Masks are per query token.
 // Work is split over (batch, kv_head, token split) with at::parallel_for (torch's intra-op threads), each split
 // keeping an online softmax (running max, sum, unnormalised output) in float32; splits merge exactly.
+// Head dims 64, 128 and 256 get instantiations with the dimension known at compile time (vector-extension dot
+// products and accumulators held in registers across a block of tokens); other head dims run the generic loops.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -25,6 +27,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -113,6 +116,66 @@ inline float dot(const float* __restrict a, const float* __restrict b, int D) {
   return s;
 }
 
+// Vector code through GCC/Clang vector extensions (lowered to whatever the target has: AVX-512, AVX2, SSE, NEON).
+// Used where head_dim is a compile-time multiple of 16 (DC: 64, 128, 256); other head dims take the scalar loops.
+typedef float v16f __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+
+template <int DC>
+constexpr bool kVec = DC > 0 && DC % 16 == 0;
+
+inline v16f load16(const float* p) {
+  v16f x;
+  std::memcpy(&x, p, sizeof(x));
+  return x;
+}
+inline void store16(float* p, v16f x) { std::memcpy(p, &x, sizeof(x)); }
+
+inline float hsum(v16f v) {
+  const v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4f b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+// One token row of codes -> D floats; DC: the head dim when known at compile time.
+template <int DC>
+inline void unpack_codes(int bits, const int32_t* w, int D, float* __restrict out) {
+  if constexpr (kVec<DC>) {
+    // Plain loops over a compile-time length: GCC vectorises them (widening byte loads, converts, interleaving
+    // stores); its vector-extension conversions from bytes are scalarised.
+    const uint8_t* __restrict bytes = reinterpret_cast<const uint8_t*>(w);
+    if (bits == 4) {
+      for (int i = 0; i < DC / 2; ++i) {
+        out[2 * i] = static_cast<float>(bytes[i] & 15);
+        out[2 * i + 1] = static_cast<float>(bytes[i] >> 4);
+      }
+      return;
+    }
+  }
+  // 2-bit codes keep the byte table (measured faster than a vectorised loop); 3- and 8-bit their shift loops
+  unpack(bits, w, D, out);
+}
+
+// out[m * stride] = bias[m] + q[m] . k for the M rows of q [M, D] (bias may be null).
+template <int DC>
+inline void dot_rows(const float* __restrict q, const float* __restrict k, const float* bias, int M, int D,
+                     float* __restrict out, int stride) {
+  if constexpr (kVec<DC>) {
+    v16f kv[DC / 16];
+    for (int c = 0; c < DC / 16; ++c) kv[c] = load16(k + 16 * c);
+    for (int m = 0; m < M; ++m) {
+      const float* qm = q + static_cast<int64_t>(m) * DC;
+      v16f s = load16(qm) * kv[0];
+      for (int c = 1; c < DC / 16; ++c) s += load16(qm + 16 * c) * kv[c];
+      out[m * stride] = (bias ? bias[m] : 0.f) + hsum(s);
+    }
+  } else {
+    for (int m = 0; m < M; ++m) out[m * stride] = (bias ? bias[m] : 0.f) + dot(q + static_cast<int64_t>(m) * D, k, D);
+  }
+}
+
 // exp(x) for x <= 0 (or -inf: exactly 0), branch-free so that a loop of it vectorises: 2^(x log2 e) as a power of
 // two times a degree-6 polynomial of the fraction (relative error < 2e-7, below float32 rounding of the sums).
 inline float exp_nonpositive(float x) {
@@ -135,7 +198,9 @@ inline float exp_nonpositive(float x) {
 }
 
 // Fold one block of logits lg [M, TB] (first nt columns) and values vb [nt, D] into the running state.
-inline void fold_block(Partial p, int M, int D, int nt, const float* lg, const float* vb) {
+template <int DC>
+inline void fold_block(Partial p, int M, int D_, int nt, const float* lg, const float* vb) {
+  const int D = DC > 0 ? DC : D_;
   float w[TB];
   for (int m = 0; m < M; ++m) {
     const float* row = lg + m * TB;
@@ -155,10 +220,22 @@ inline void fold_block(Partial p, int M, int D, int nt, const float* lg, const f
       w[t] = exp_nonpositive(row[t] - nm);
       sum += w[t];
     }
-    for (int t = 0; t < nt; ++t) {
-      const float wt = w[t];
-      const float* __restrict v = vb + static_cast<int64_t>(t) * D;
-      for (int d = 0; d < D; ++d) a[d] += wt * v[d];
+    if constexpr (kVec<DC>) {
+      // the row's output in registers across the block's tokens: DC / 16 independent accumulators
+      v16f acc[DC / 16];
+      for (int c = 0; c < DC / 16; ++c) acc[c] = load16(a + 16 * c);
+      for (int t = 0; t < nt; ++t) {
+        const float wt = w[t];
+        const float* v = vb + static_cast<int64_t>(t) * DC;
+        for (int c = 0; c < DC / 16; ++c) acc[c] += wt * load16(v + 16 * c);
+      }
+      for (int c = 0; c < DC / 16; ++c) store16(a + 16 * c, acc[c]);
+    } else {
+      for (int t = 0; t < nt; ++t) {
+        const float wt = w[t];
+        const float* __restrict v = vb + static_cast<int64_t>(t) * D;
+        for (int d = 0; d < D; ++d) a[d] += wt * v[d];
+      }
     }
     p.sm[m] += sum;
     p.mx[m] = nm;
@@ -166,8 +243,9 @@ inline void fold_block(Partial p, int M, int D, int nt, const float* lg, const f
 }
 
 // Attention of rows q [M, D] over full-precision tokens k, v (row stride D, n tokens, element type T).
-template <typename T>
-void attend_exact(const float* q, int M, int D, const T* k, const T* v, int64_t n, const Mask& mask, Partial p) {
+template <typename T, int DC>
+void attend_exact(const float* q, int M, int D_, const T* k, const T* v, int64_t n, const Mask& mask, Partial p) {
+  const int D = DC > 0 ? DC : D_;
   float lg[64 * TB];
   std::vector<float> kb(static_cast<size_t>(D)), vb(static_cast<size_t>(TB) * D);
   for (int64_t t0 = 0; t0 < n; t0 += TB) {
@@ -181,8 +259,11 @@ void attend_exact(const float* q, int M, int D, const T* k, const T* v, int64_t 
         for (int d = 0; d < D; ++d) kb[d] = static_cast<float>(kr[d]);
         kf = kb.data();
       }
-      for (int m = 0; m < M; ++m) {
-        lg[m * TB + t] = mask.allowed(m, t0 + t) ? dot(q + static_cast<int64_t>(m) * D, kf, D) : NEG_INF;
+      dot_rows<DC>(q, kf, nullptr, M, D, lg + t, TB);
+      if (mask.ptr) {
+        for (int m = 0; m < M; ++m) {
+          if (!mask.allowed(m, t0 + t)) lg[m * TB + t] = NEG_INF;
+        }
       }
     }
     const float* vf;
@@ -192,7 +273,7 @@ void attend_exact(const float* q, int M, int D, const T* k, const T* v, int64_t 
       for (int64_t i = 0; i < static_cast<int64_t>(nt) * D; ++i) vb[i] = static_cast<float>(v[t0 * D + i]);
       vf = vb.data();
     }
-    fold_block(p, M, D, nt, lg, vf);
+    fold_block<DC>(p, M, D, nt, lg, vf);
   }
 }
 
@@ -217,22 +298,25 @@ struct Body {
 };
 
 // Attention of rows q [M, D] (in the body's key basis) over body tokens [t_begin, t_end).
-template <typename S>
-void attend_body(const float* q, int M, int D, const Body<S>& b, int64_t t_begin, int64_t t_end, const Mask& mask,
+template <typename S, int DC>
+void attend_body(const float* q, int M, int D_, const Body<S>& b, int64_t t_begin, int64_t t_end, const Mask& mask,
                  Partial p) {
+  const int D = DC > 0 ? DC : D_;
   float lg[64 * TB];
   const int ngv = D / b.value_group;
   std::vector<float> qs(static_cast<size_t>(M) * D), qz(M), kc(D), vb(static_cast<size_t>(TB) * D);
-  int64_t group = -1;
+  int64_t group = -1, group_end = -1;
   const S* sc = nullptr;  // the current key group's per-channel scale and zero
   const S* ze = nullptr;
   for (int64_t t0 = t_begin; t0 < t_end; t0 += TB) {
     const int nt = static_cast<int>(std::min<int64_t>(TB, t_end - t0));
     for (int t = 0; t < nt; ++t) {
       const int64_t tok = t0 + t;
-      const int64_t g = b.group_ids ? b.group_ids[tok] : tok / b.group_size;
-      if (g != group) {  // fold this key group's per-channel scale into the query, its zero into a bias
-        group = g;
+      // the token's key group: read from group_ids (evicted bodies), else counted (no division per token)
+      if (b.group_ids ? b.group_ids[tok] != group : tok >= group_end) {
+        const int64_t g = b.group_ids ? b.group_ids[tok] : tok / b.group_size;
+        group_end = (g + 1) * b.group_size;
+        group = g;  // fold this key group's per-channel scale into the query, its zero into a bias
         sc = b.k_scale + g * D;
         ze = b.k_zero + g * D;
         for (int m = 0; m < M; ++m) {
@@ -246,10 +330,12 @@ void attend_body(const float* q, int M, int D, const Body<S>& b, int64_t t_begin
           qz[m] = z;
         }
       }
-      unpack(b.key_bits, b.k_codes + tok * b.wk, D, kc.data());
-      for (int m = 0; m < M; ++m) {
-        lg[m * TB + t] = mask.allowed(m, tok) ? qz[m] + dot(qs.data() + static_cast<int64_t>(m) * D, kc.data(), D)
-                                              : NEG_INF;
+      unpack_codes<DC>(b.key_bits, b.k_codes + tok * b.wk, D, kc.data());
+      dot_rows<DC>(qs.data(), kc.data(), qz.data(), M, D, lg + t, TB);
+      if (mask.ptr) {
+        for (int m = 0; m < M; ++m) {
+          if (!mask.allowed(m, tok)) lg[m * TB + t] = NEG_INF;
+        }
       }
       if (b.n_out > 0) {  // key outliers: q[c] * (exact - dequantized) added to each allowed logit
         for (int j = 0; j < b.n_out; ++j) {
@@ -262,19 +348,26 @@ void attend_body(const float* q, int M, int D, const Body<S>& b, int64_t t_begin
         }
       }
       float* vo = vb.data() + static_cast<int64_t>(t) * D;
-      unpack(b.value_bits, b.v_codes + tok * b.wv, D, vo);
+      unpack_codes<DC>(b.value_bits, b.v_codes + tok * b.wv, D, vo);
       const S* vs = b.v_scale + tok * ngv;
       const S* vz = b.v_zero + tok * ngv;
-      for (int gi = 0; gi < ngv; ++gi) {
-        const float s = static_cast<float>(vs[gi]), z = static_cast<float>(vz[gi]);
-        float* x = vo + static_cast<int64_t>(gi) * b.value_group;
-        for (int d = 0; d < b.value_group; ++d) x[d] = z + x[d] * s;
+      if (kVec<DC> && b.value_group % 16 == 0) {
+        for (int c = 0; c < D; c += 16) {
+          const int gi = c / b.value_group;
+          store16(vo + c, static_cast<float>(vz[gi]) + load16(vo + c) * static_cast<float>(vs[gi]));
+        }
+      } else {
+        for (int gi = 0; gi < ngv; ++gi) {
+          const float s = static_cast<float>(vs[gi]), z = static_cast<float>(vz[gi]);
+          float* x = vo + static_cast<int64_t>(gi) * b.value_group;
+          for (int d = 0; d < b.value_group; ++d) x[d] = z + x[d] * s;
+        }
       }
       for (int j = 0; j < b.n_out; ++j) {  // value outliers: the exact value written back
         vo[b.v_out_idx[tok * b.n_out + j]] = static_cast<float>(b.v_out_val[tok * b.n_out + j]);
       }
     }
-    fold_block(p, M, D, nt, lg, vb.data());
+    fold_block<DC>(p, M, D, nt, lg, vb.data());
   }
 }
 
@@ -352,6 +445,17 @@ Mask mask_of(const c10::optional<at::Tensor>& mask, int64_t head, int64_t L, int
   return out;
 }
 
+// Calls f(std::integral_constant<int, DC>) with DC = head_dim where the vector code is instantiated, else 0.
+template <typename F>
+void with_head_dim(int64_t D, F&& f) {
+  switch (D) {
+    case 64: f(std::integral_constant<int, 64>{}); break;
+    case 128: f(std::integral_constant<int, 128>{}); break;
+    case 256: f(std::integral_constant<int, 256>{}); break;
+    default: f(std::integral_constant<int, 0>{}); break;
+  }
+}
+
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "kvpress cpu decode: ", what); }
 
 }  // namespace
@@ -396,6 +500,8 @@ std::vector<at::Tensor> quant_decode(const at::Tensor& q, const at::Tensor& k_co
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k_scale.scalar_type(), "kvpress_quant_decode", [&] {
     using S = scalar_t;
+    with_head_dim(D, [&](auto dc) {
+    constexpr int DC = decltype(dc)::value;
     at::parallel_for(0, B * H * P, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> qrot(static_cast<size_t>(M) * D), tmp(static_cast<size_t>(M) * D);
       for (int64_t item = begin; item < end; ++item) {
@@ -404,7 +510,7 @@ std::vector<at::Tensor> quant_decode(const at::Tensor& q, const at::Tensor& k_co
         Partial p{mx.data_ptr<float>() + (bh * P + part) * M, sm.data_ptr<float>() + (bh * P + part) * M,
                   acc.data_ptr<float>() + (bh * P + part) * M * D};
         if (part == splits) {  // the exact segment, unrotated
-          attend_exact<float>(qh, M, D, ex_k.data_ptr<float>() + bh * E * D, ex_v.data_ptr<float>() + bh * E * D,
+          attend_exact<float, DC>(qh, M, D, ex_k.data_ptr<float>() + bh * E * D, ex_v.data_ptr<float>() + bh * E * D,
                               E, mask_of(ex_mask, bh, q_len, E, 0), p);
           continue;
         }
@@ -431,12 +537,13 @@ std::vector<at::Tensor> quant_decode(const at::Tensor& q, const at::Tensor& k_co
           body.n_out = static_cast<int>(n_out);
         }
         const int64_t t0 = part * slen, t1 = std::min(n_body, t0 + slen);
-        attend_body<S>(qb, M, D, body, t0, t1, mask_of(body_mask, bh, q_len, n_body, 0), p);
+        attend_body<S, DC>(qb, M, D, body, t0, t1, mask_of(body_mask, bh, q_len, n_body, 0), p);
         if (vr) {  // the body's output back from the rotated value basis (linear: before normalising)
           matmul_rows(p.acc, vr, M, D, true, tmp.data());
           std::copy(tmp.begin(), tmp.end(), p.acc);
         }
       }
+    });
     });
   });
   merge_all(B * H, P, M, D, mx, sm, acc, out, lse);
@@ -469,6 +576,8 @@ std::vector<at::Tensor> ragged_decode(const at::Tensor& q, const at::Tensor& key
   const int64_t mask_cols = mptr ? mask->size(1) : 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, keys.scalar_type(), "kvpress_ragged_decode", [&] {
     using T = scalar_t;
+    with_head_dim(D, [&](auto dc) {
+    constexpr int DC = decltype(dc)::value;
     at::parallel_for(0, B * H * P, 1, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t bh = item / P, part = item % P;
@@ -478,7 +587,7 @@ std::vector<at::Tensor> ragged_decode(const at::Tensor& q, const at::Tensor& key
         if (part == splits) {  // the dense tail
           const T* tk = tail_k->data_ptr<T>() + bh * NT * D;
           const T* tv = tail_v->data_ptr<T>() + bh * NT * D;
-          attend_exact<T>(qh, M, D, tk, tv, NT, mask_of(tail_mask, bh, q_len, NT, 0), p);
+          attend_exact<T, DC>(qh, M, D, tk, tv, NT, mask_of(tail_mask, bh, q_len, NT, 0), p);
           continue;
         }
         const int64_t seg0 = off[bh], seg_len = off[bh + 1] - off[bh];
@@ -491,9 +600,10 @@ std::vector<at::Tensor> ragged_decode(const at::Tensor& q, const at::Tensor& key
           m.stride_t = mask_cols;
           m.L = mask_cols;
         }
-        attend_exact<T>(qh, M, D, keys.data_ptr<T>() + (seg0 + t0) * D, values.data_ptr<T>() + (seg0 + t0) * D,
+        attend_exact<T, DC>(qh, M, D, keys.data_ptr<T>() + (seg0 + t0) * D, values.data_ptr<T>() + (seg0 + t0) * D,
                         t1 - t0, m, p);
       }
+    });
     });
   });
   merge_all(B * H, P, M, D, mx, sm, acc, out, lse);
