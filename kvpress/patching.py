@@ -78,12 +78,13 @@ def resolve_policy(policy: Any) -> tuple[Policy | None, StorageFactory]:
 
 
 def _dense_factory(policies: list[Policy]) -> StorageFactory:
-    """Dense storage; split by head class when a policy keeps fixed classes of heads (DuoAttention): each class
-    dense on its own, so evicting from one never rebuilds the other, where ragged storage would copy the layer."""
+    """Dense storage, growable where no policy evicts during decoding (no copy of the layer per step); split by
+    head class when a policy keeps fixed classes of heads (DuoAttention): each class dense on its own, so evicting
+    from one never rebuilds the other, where ragged storage would copy the layer."""
     splitters = [p for p in policies if callable(getattr(p, "split_storage", None))]
     if splitters:
         return splitters[0].split_storage(DenseSpec()).create_storage
-    return dense_storage_factory
+    return DenseSpec(growable=not any(p.acts_at("decode") for p in policies)).create_storage
 
 
 class PatchSession:

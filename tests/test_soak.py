@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,26 @@ def test_verdict_flags_growth_nan_and_slowdown(soak_module):
     assert verdict["no_nan"] is False
     grows = soak_module.verdict("duo", rows)
     assert grows["bytes_flat"] is None and grows["bytes_per_token"] == pytest.approx(0.01)
+    assert grows["speed_ok"] is None and grows["speed_ratio"] == pytest.approx(6 / 8)
+    # RSS grew by 200 bytes, the cache by 20: 180 beyond it, 18% of the first RSS
+    assert grows["rss_growth_beyond_cache"] == pytest.approx(0.18) and grows["rss_ok"] is False
+    cache_grows = [dict(r, nbytes=100 + 200 * i, rss=1000 + 200 * i) for i, r in enumerate(rows)]  # RSS = cache
+    assert soak_module.verdict("duo", cache_grows)["rss_ok"] is True
+    assert soak_module.verdict("streaming", cache_grows)["rss_ok"] is False
     assert soak_module.verdict("streaming", rows[:2])["bytes_flat"] is None  # too short to judge
+
+
+def test_rejudge_recomputes_verdicts_of_saved_runs(soak_module, tmp_path, capsys):
+    rows = [{"tokens": 1000 * (i + 1), "max_nbytes": 100, "nbytes": 100, "rss": 1000, "tokens_per_s": 10.0,
+             "cache_finite": True, "nonfinite_logits": 0} for i in range(3)]
+    path = tmp_path / "soak_streaming_3000.json"
+    path.write_text(json.dumps({"config": "streaming", "intervals": rows, "verdict": {"stale": True}}))
+    assert soak_module.main(["--rejudge", "--out", str(tmp_path)]) == 0
+    verdict = json.loads(path.read_text())["verdict"]
+    assert "stale" not in verdict and verdict["bytes_flat"] and verdict["speed_ok"] and verdict["rss_ok"]
+    assert (tmp_path / "soak.png").stat().st_size > 0
+    assert soak_module.main(["--rejudge", "--out", str(tmp_path / "empty")]) == 2
+    assert "no soak_" in capsys.readouterr().err
 
 
 def test_bad_arguments_are_refused(soak_module, capsys):

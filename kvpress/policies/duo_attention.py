@@ -162,6 +162,7 @@ class DuoAttention(RatioSized, Policy):
         """``spec`` (e.g. a :class:`~kvpress.quant.KVQuant`) wrapped so that each layer holds its streaming heads
         and its retrieval heads in two storages of that kind: heads are never padded to the other group's length.
         Called by the pipeline for ``DuoAttention(...) | KVQuant(...)``."""
+        from kvpress.storage.dense import DenseSpec
         from kvpress.storage.head_split import HeadSplitSpec
 
         if isinstance(spec, HeadSplitSpec):  # already split (a pipeline re-built from another's stages)
@@ -171,6 +172,8 @@ class DuoAttention(RatioSized, Policy):
             heads = self.streaming_heads[layer_idx]
             return [heads.nonzero().flatten(), (~heads).nonzero().flatten()]
 
+        if isinstance(spec, DenseSpec):  # retrieval heads only grow: room past their tokens, no copy per step
+            return HeadSplitSpec(spec, groups_of, [spec, DenseSpec(growable=True)])
         return HeadSplitSpec(spec, groups_of)
 
     # -- reporting -------------------------------------------------------------------------------------------

@@ -167,21 +167,25 @@ class HeadSplitStorage(KVStorage):
 
 
 class HeadSplitSpec:
-    """A storage spec: each layer's heads split by ``groups_of(layer_idx)`` (a list of head index tensors), each
-    group in a storage from ``inner.create_storage(layer_idx)``; one group only: the inner storage itself."""
+    """A storage spec: each layer's heads split by ``groups_of(layer_idx)`` (a list of head index tensors), group
+    ``i`` in a storage from ``inners[i].create_storage(layer_idx)`` (default: ``inner`` for every group); one
+    group only: that group's storage itself."""
 
-    def __init__(self, inner: Any, groups_of: Callable[[int], list[torch.Tensor]]):
+    def __init__(self, inner: Any, groups_of: Callable[[int], list[torch.Tensor]], inners: list[Any] | None = None):
         self.inner = inner
         self.groups_of = groups_of
+        self.inners = inners
 
     def create_storage(self, layer_idx: int) -> KVStorage:
-        groups = [g for g in self.groups_of(layer_idx) if g.numel()]
-        if len(groups) <= 1:
-            return self.inner.create_storage(layer_idx)
-        return HeadSplitStorage.empty(groups, lambda: self.inner.create_storage(layer_idx))
+        groups = self.groups_of(layer_idx)
+        specs = self.inners or [self.inner] * len(groups)
+        held = [(g, spec) for g, spec in zip(groups, specs) if g.numel()]
+        if len(held) <= 1:
+            return (held[0][1] if held else self.inner).create_storage(layer_idx)
+        return HeadSplitStorage([g for g, _ in held], [spec.create_storage(layer_idx) for _, spec in held])
 
     def __getattr__(self, name: str) -> Any:  # bits, params... of the inner spec (reports, sweeps)
-        if name in ("inner", "groups_of"):
+        if name in ("inner", "groups_of", "inners"):
             raise AttributeError(name)
         return getattr(self.inner, name)
 
