@@ -14,6 +14,14 @@ query-agnostic, plus SnapKV query-aware (compressed with question 1 in view), ea
 compressed context and as a multi-turn conversation, scored per question index.
 
     python benchmarks/reuse.py --length 4096 --samples 4 --threads 1 --out benchmarks/results/reuse.json
+
+More contexts for the K-question table, added to an existing result (contexts 4-11, two configurations, each
+question from a clone; two processes can take different ``--first-sample`` ranges and ``--append`` one by one):
+
+    python benchmarks/reuse.py --skip-ttft --first-sample 4 --samples 8 --configs none \
+        "learned(compression_ratio=0.5) | kvquant(bits=4)" --no-query-aware --turns clone \
+        --accuracy-out runs/reuse_more.json
+    python benchmarks/reuse.py --append runs/reuse_more.json --out benchmarks/results/reuse.json
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import kvpress  # noqa: E402
 from kvpress.cache_cli import build_policy  # noqa: E402
 from kvpress.eval.generation import forward_last  # noqa: E402
 from kvpress.eval.multiquery import (  # noqa: E402
+    TURNS,
     compress_context,
     make_multi_sample,
     markdown_table,
@@ -134,17 +143,20 @@ def plot(ttft: list[dict], rows: list[dict], k: int, out: Path) -> None:
 
 def report(result: dict) -> str:
     """The markdown tables of a result (``--report``: from a saved JSON, no model run)."""
-    full = next(r for r in result["ttft"] if r["config"] == "none")
+    full = next((r for r in result["ttft"] if r["config"] == "none"), None)
     lines = [
         f"{result['model']}, {result['context_tokens']:,}-token context ({result['task']} sample 0), "
         f"{result['threads']} thread(s), median of {result['reps']}; the context's text is "
         f"{result['text_bytes']:,} bytes (UTF-8).",
-        "",
-        "| configuration | TTFT from text (s) | TTFT from file (s) | file / full prefill TTFT | file bytes | "
-        "/ fp32 cache | / fp16 cache | / text |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in result["ttft"]:
+    if full is not None:
+        lines += [
+            "",
+            "| configuration | TTFT from text (s) | TTFT from file (s) | file / full prefill TTFT | file bytes | "
+            "/ fp32 cache | / fp16 cache | / text |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+    for r in result["ttft"] if full is not None else []:
         lines.append(
             f"| `{r['config'].replace('|', chr(92) + '|')}` | {r['text_seconds']:.1f} | {r['file_seconds']:.2f} | "
             f"{r['file_seconds'] / full['text_seconds']:.3f} | {r['file_bytes']:,} | "
@@ -168,9 +180,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-accuracy", action="store_true")
+    p.add_argument("--skip-ttft", action="store_true", help="only the K-question task")
+    p.add_argument("--first-sample", type=int, default=0, help="index of the first context of the K-question task")
+    p.add_argument("--configs", nargs="+", default=None,
+                   help="query-agnostic configurations of the K-question task (default: every row above + SnapKV)")
+    p.add_argument("--no-query-aware", dest="query_aware", action="store_false", help="skip query-aware SnapKV")
+    p.add_argument("--turns", nargs="+", default=list(TURNS), choices=list(TURNS))
+    p.add_argument("--accuracy-out", type=Path, default=None,
+                   help="write the K-question records here instead of into --out (to --append later)")
+    p.add_argument("--append", type=Path, default=None,
+                   help="add the K-question records of this file to --out (new contexts only), redo tables and plot")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/reuse.json"))
     p.add_argument("--report", action="store_true", help="print the tables (and redraw the plot) of --out, run nothing")
     args = p.parse_args(argv)
+    for name in ("samples", "queries", "reps", "threads", "length"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.first_sample < 0:
+        p.error(f"--first-sample must be >= 0, got {args.first_sample}")
+    if args.append is not None:
+        return append_records(args.out, args.append)
     if args.report:
         result = json.loads(args.out.read_text(encoding="utf-8"))
         print(report(result))
@@ -181,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     model, tokenizer = kvpress.load_model(args.model)
     task = needle_task(get_task(args.task), args.queries)
-    samples = [make_multi_sample(task, tokenizer, args.length, args.queries, args.seed, i) for i in range(args.samples)]
+    indices = range(args.first_sample, args.first_sample + args.samples)
+    samples = [make_multi_sample(task, tokenizer, args.length, args.queries, args.seed, i) for i in indices]
     first = samples[0]
     text_bytes = len(tokenizer.decode(first.prefix_ids).encode("utf-8"))
     cfg = model.config
@@ -189,13 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"model": args.model, "task": task.name, "length": args.length,
                     "context_tokens": first.context_tokens, "queries": args.queries, "samples": args.samples, "threads": args.threads, "reps": args.reps,
                     "text_bytes": text_bytes, "ttft": [], "accuracy": []}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out = args.accuracy_out or args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
-        args.out.write_text(json.dumps(result, indent=2), encoding="utf-8")
+        out.write_text(json.dumps(result, indent=2), encoding="utf-8")
 
     with tempfile.TemporaryDirectory() as tmp:
-        for expression in CONFIGS:
+        for expression in [] if args.skip_ttft else CONFIGS:
             row = ttft_and_bytes(model, tokenizer, first, expression, args.reps, Path(tmp))
             row["full_fp32_bytes"] = per_token * first.context_tokens * 4
             row["full_fp16_bytes"] = per_token * first.context_tokens * 2
@@ -203,21 +234,48 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
             save()
     if not args.skip_accuracy:
-        for mode, configs in (("query-agnostic", CONFIGS + ACCURACY_ONLY), ("query-aware", QUERY_AWARE)):
+        agnostic = args.configs if args.configs is not None else CONFIGS + ACCURACY_ONLY
+        for mode, configs in (("query-agnostic", agnostic), ("query-aware", QUERY_AWARE if args.query_aware else [])):
             built = [c for text in configs for c in expand(text)]
+            if not built:
+                continue
             t0 = time.perf_counter()
 
             def progress(s, c, mode=mode, t0=t0):
                 print(f"  sample {s.index} {c.label} ({mode}) {time.perf_counter() - t0:.0f} s", flush=True)
 
-            records = run_multi(model, tokenizer, built, samples, mode, progress=progress)
+            records = run_multi(model, tokenizer, built, samples, mode, turns=args.turns, progress=progress)
             result["accuracy"].extend(records)
             save()
         rows = per_question_table(result["accuracy"], args.queries)
         result["per_question"] = rows
         save()
         print(report(result))
-        plot(result["ttft"], rows, args.queries, args.out.with_suffix(".png"))
+        if args.accuracy_out is None:
+            plot(result["ttft"], rows, args.queries, args.out.with_suffix(".png"))
+    return 0
+
+
+def append_records(out: Path, extra: Path) -> int:
+    """Add ``extra``'s K-question records to ``out`` (contexts ``out`` does not hold yet for that configuration,
+    mode and turns), then redo its per-question table, the tables printed and the plot."""
+    result = json.loads(out.read_text(encoding="utf-8"))
+    more = json.loads(extra.read_text(encoding="utf-8"))
+    for field in ("task", "length", "queries", "model"):
+        if result.get(field) != more.get(field):
+            print(f"reuse.py: error: --append: {field} differs ({more.get(field)!r} in {extra}, "
+                  f"{result.get(field)!r} in {out})", file=sys.stderr)
+            return 2
+    held = {(r["config"], r["mode"], r["turns"], r["index"]) for r in result["accuracy"]}
+    added = [r for r in more["accuracy"] if (r["config"], r["mode"], r["turns"], r["index"]) not in held]
+    result["accuracy"].extend(added)
+    result["per_question"] = per_question_table(result["accuracy"], result["queries"])
+    result.setdefault("appended", []).append({"from": str(extra), "records": len(added)})
+    out.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    print(f"added {len(added)} records ({len(more['accuracy']) - len(added)} already held) to {out}")
+    print(report(result))
+    if any(r["config"] == "none" for r in result["ttft"]):  # the plot's TTFT panel is relative to the full prefill
+        plot(result["ttft"], result["per_question"], result["queries"], out.with_suffix(".png"))
     return 0
 
 

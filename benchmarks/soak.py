@@ -241,6 +241,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def table(results: list[dict[str, Any]]) -> str:
+    """The soak verdicts as a markdown table (what RESULTS.md shows)."""
+    lines = ["| configuration | tokens | threads | bytes held after warm-up -> end (MiB) | RSS growth | NaN/Inf | "
+             "tok/s after warm-up -> end | verdict |", "|---|---:|---:|---|---|---|---|---|"]
+    for r in results:
+        v, iv = r["verdict"], r["intervals"]
+        after, end = iv[1] if len(iv) > 1 else iv[0], iv[-1]
+        if v.get("bytes_flat") is None and "bytes_per_token" in v:
+            held = f"{after['nbytes'] / 2**20:.2f} -> {end['nbytes'] / 2**20:.2f} (grows {v['bytes_per_token']:,.0f} B/token)"
+        else:
+            held = f"{after['max_nbytes'] / 2**20:.2f} -> {end['max_nbytes'] / 2**20:.2f} ({v.get('bytes_drift', 0):+.2%})"
+        rss = "-" if v.get("rss_growth") is None else f"{v['rss_growth']:+.2%}"
+        if "rss_growth_beyond_cache" in v and v["rss_growth_beyond_cache"] is not None:
+            rss += f" ({v['rss_growth_beyond_cache']:+.2%} beyond the cache)"
+        speed = f"{after['tokens_per_s']:.1f} -> {end['tokens_per_s']:.1f} ({v.get('speed_ratio', float('nan')):.2f}x)"
+        checks = [v.get(k) for k in ("no_nan", "bytes_flat", "rss_ok", "speed_ok")]
+        verdict = "fail" if any(c is False for c in checks) else "pass"
+        if v.get("speed_ok") is None and v.get("bytes_flat") is None:
+            verdict += " (grows by design: bytes and speed not judged)"
+        lines.append(f"| `{r['config']}` | {r['tokens']:,} | {r.get('torch_threads', '?')} | {held} | {rss} | "
+                     f"{'none' if v['no_nan'] else 'FOUND'} | {speed} | {verdict} |")
+    return "\n".join(lines)
+
+
 def plot_all(out: Path) -> None:
     """One plot over every configuration soaked in ``out`` (runs of one configuration each add their line)."""
     everything = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(out.glob("soak_*_*.json"))]
@@ -259,6 +283,7 @@ def rejudge(out: Path) -> int:
         result["verdict"] = verdict(result["config"], result["intervals"])
         path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
         print(f"[{result['config']}] verdict: {json.dumps(result['verdict'])}")
+    print(table([json.loads(p.read_text(encoding="utf-8")) for p in paths]))
     plot_all(out)
     return 0
 

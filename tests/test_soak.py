@@ -64,8 +64,9 @@ def test_rejudge_recomputes_verdicts_of_saved_runs(soak_module, tmp_path, capsys
     rows = [{"tokens": 1000 * (i + 1), "max_nbytes": 100, "nbytes": 100, "rss": 1000, "tokens_per_s": 10.0,
              "cache_finite": True, "nonfinite_logits": 0} for i in range(3)]
     path = tmp_path / "soak_streaming_3000.json"
-    path.write_text(json.dumps({"config": "streaming", "intervals": rows, "verdict": {"stale": True}}))
+    path.write_text(json.dumps({"config": "streaming", "tokens": 3000, "intervals": rows, "verdict": {"stale": True}}))
     assert soak_module.main(["--rejudge", "--out", str(tmp_path)]) == 0
+    assert "| `streaming` | 3,000 | ? | 0.00 -> 0.00 (+0.00%) |" in capsys.readouterr().out
     verdict = json.loads(path.read_text())["verdict"]
     assert "stale" not in verdict and verdict["bytes_flat"] and verdict["speed_ok"] and verdict["rss_ok"]
     assert (tmp_path / "soak.png").stat().st_size > 0
