@@ -12,6 +12,7 @@ from kvpress.compat import cache_kwargs, output_cache
 from kvpress.policies import KeyNorm, SnapKV, StreamingLLM
 from kvpress.quant import KVQuant
 from kvpress.storage import DenseStorage, SlidingWindowStorage
+from kvpress.storage.sliding import SLIDE_EVERY
 from tiny_models import left_padded_batch, tiny_model
 
 WINDOW = 8  # tiny gemma3: layers 0 and 2 slide over 8 tokens, 1 and 3 are full
@@ -95,7 +96,8 @@ def test_quantized_rings_within_the_full_layers_error_bound(bits):
         if name == "hybrid":
             ring = cache.layers[0].storage
             assert isinstance(ring, SlidingWindowStorage) and ring.inner.n_body_slots > 0  # really quantized
-            assert int(ring.lengths().max()) == WINDOW - 1
+            # stale tokens leave SLIDE_EVERY decode steps at a time (masked by position until then)
+            assert WINDOW - 1 <= int(ring.lengths().max()) < WINDOW - 1 + SLIDE_EVERY
             assert cache.layer_nbytes()[0] == sum(t.numel() * t.element_size() for t in ring.inner.tensors())
     bound = 0.01 if bits == 8 else 0.1
     assert errors["hybrid"] < bound and errors["all_full"] < bound, errors

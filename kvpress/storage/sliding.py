@@ -10,7 +10,8 @@ After each :meth:`SlidingWindowStorage.append`, the view attention reads in this
 captured, then the tokens no later query can attend to are dropped. The inner storage holds positions relative to
 ``first``; views carry absolute positions. A dense inner storage that nothing was evicted from is sliced (no
 positions held, the same tensors transformers would hand attention); any other inner storage drops its oldest
-tokens through ``select`` (quantized: codes gathered, nothing re-quantized).
+tokens through ``select`` (quantized: codes gathered, nothing re-quantized), during decoding ``SLIDE_EVERY``
+tokens at a time (attention masks the stale ones by position until then).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from kvpress.storage.base import (
     under,
 )
 from kvpress.storage.dense import DenseStorage
+
+
+SLIDE_EVERY = 16  # decode steps between slides of a non-plain ring (one gather per 16 steps instead of each step)
 
 
 def check_window(window: object) -> int:
@@ -57,6 +61,7 @@ class SlidingWindowStorage(KVStorage):
         self.step_positions: torch.Tensor | None = None  # [batch, kv_heads, seq] absolute positions of that view
         self.step_valid: torch.Tensor | None = None
         self.evicted = False  # a policy evicted tokens inside the window
+        self.slid_to = 0  # cutoff of the last slide of a non-plain inner storage (see _slide)
 
     @property
     def plain(self) -> bool:
@@ -139,7 +144,8 @@ class SlidingWindowStorage(KVStorage):
         """The ring between forwards: its inner storage, window, first position and whether a policy evicted
         inside it (the per-forward view is not part of it)."""
         tensors, inner_meta = storage_state(self.inner)
-        meta = {"inner": inner_meta, "window": self.window, "first": self.first, "evicted": self.evicted}
+        meta = {"inner": inner_meta, "window": self.window, "first": self.first, "evicted": self.evicted,
+                "slid_to": self.slid_to}
         return prefixed(tensors, "inner."), meta
 
     @classmethod
@@ -150,6 +156,7 @@ class SlidingWindowStorage(KVStorage):
         out = cls(storage_from_state(under(tensors, "inner."), meta["inner"]), int(meta["window"]))
         out.first = int(meta["first"])
         out.evicted = bool(meta.get("evicted", False))
+        out.slid_to = int(meta.get("slid_to", 0))
         return out
 
     def _copy(self) -> "SlidingWindowStorage":
@@ -186,7 +193,13 @@ class SlidingWindowStorage(KVStorage):
         return dataclasses.replace(view, positions=pos)
 
     def _slide(self, seen: int, new: int) -> None:
-        """Drop what no query from position ``seen`` on can attend to: keep positions ``>= seen - window + 1``."""
+        """Drop what no query from position ``seen`` on can attend to: keep positions ``>= seen - window + 1``.
+
+        A dense ring nothing was evicted from is sliced at every step (as transformers does). Any other inner
+        storage drops its oldest tokens through ``select`` (a gather of the whole ring: quantized codes, ragged
+        heads), so during decoding it lets up to ``SLIDE_EVERY - 1`` stale tokens wait and drops them together:
+        attention masks them by position meanwhile (``allowed_slots`` applies the window), so what a query sees
+        is unchanged, and the ring holds at most ``SLIDE_EVERY - 1`` tokens more than ``window - 1``."""
         cutoff = seen - (self.window - 1)
         if cutoff <= self.first:
             return
@@ -200,12 +213,15 @@ class SlidingWindowStorage(KVStorage):
             self.inner = DenseStorage(keys, values, None)
             self.first += drop
             return
+        if new == 1 and cutoff - self.slid_to < SLIDE_EVERY:
+            return  # a decode step: the stale tokens wait, masked by position, until SLIDE_EVERY can go at once
         pos, valid = self._relative_positions()
         keep = pos >= cutoff - self.first
         if valid is not None:
             keep = keep & valid
         if not bool(keep.all()):
             self.inner = inner.select(keep)
+        self.slid_to = cutoff
 
 
 def _shallow(storage: KVStorage) -> KVStorage:
