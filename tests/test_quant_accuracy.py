@@ -9,6 +9,7 @@ import kvpress
 from kvpress.compat import cache_kwargs
 from kvpress.eval.perplexity import evaluate_perplexity
 from kvpress.quant import KVQuant
+from benchmark_scripts import load_benchmark
 
 
 def cache_perplexity(model, ids, prefill, chunk, policy=None):
@@ -73,16 +74,7 @@ def test_mean_effective_bits_average_the_scored_steps(model_and_ids):
 
 
 def _benchmark_module():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quant_accuracy.py"
-    spec = importlib.util.spec_from_file_location("quant_accuracy_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("quant_accuracy")
 
 
 def test_matched_bits_configs_table_and_plot(tmp_path):

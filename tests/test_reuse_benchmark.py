@@ -3,21 +3,15 @@ only, the per-question table is redone, and a run of another task or length is r
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def reuse_module():
-    spec = importlib.util.spec_from_file_location("reuse", ROOT / "benchmarks" / "reuse.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("reuse")
 
 
 def _result(indices, score, length=4096):
