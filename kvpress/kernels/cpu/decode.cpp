@@ -139,6 +139,31 @@ inline float hsum(v16f v) {
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
+#include <immintrin.h>
+#define KVPRESS_VBMI 1
+// 16 bytes of 2-bit codes (byte i holds codes 4i..4i+3) -> 64 floats: each byte copied to 4 lanes (vpermb), each lane
+// shifted to its code (vpmultishiftqb), masked, widened and converted 16 at a time.
+inline void unpack64_crumbs(const uint8_t* src, float* out) {
+  alignas(64) static const uint8_t kIndex[64] = {
+      0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7,
+      8, 8, 8, 8, 9, 9, 9, 9, 10, 10, 10, 10, 11, 11, 11, 11, 12, 12, 12, 12, 13, 13, 13, 13, 14, 14, 14, 14,
+      15, 15, 15, 15};
+  alignas(64) static const uint8_t kShift[64] = {  // bit offset in the qword: 8 * (j % 8) + 2 * (j % 4)
+      0, 10, 20, 30, 32, 42, 52, 62, 0, 10, 20, 30, 32, 42, 52, 62, 0, 10, 20, 30, 32, 42, 52, 62,
+      0, 10, 20, 30, 32, 42, 52, 62, 0, 10, 20, 30, 32, 42, 52, 62, 0, 10, 20, 30, 32, 42, 52, 62,
+      0, 10, 20, 30, 32, 42, 52, 62, 0, 10, 20, 30, 32, 42, 52, 62};
+  const __m512i bytes = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  const __m512i copies = _mm512_permutexvar_epi8(_mm512_load_si512(kIndex), bytes);
+  const __m512i codes = _mm512_and_si512(_mm512_multishift_epi64_epi8(_mm512_load_si512(kShift), copies),
+                                         _mm512_set1_epi8(3));
+  _mm512_storeu_ps(out, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_castsi512_si128(codes))));
+  _mm512_storeu_ps(out + 16, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, 1))));
+  _mm512_storeu_ps(out + 32, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, 2))));
+  _mm512_storeu_ps(out + 48, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, 3))));
+}
+#endif
+
 // One token row of codes -> D floats; DC: the head dim when known at compile time.
 template <int DC>
 inline void unpack_codes(int bits, const int32_t* w, int D, float* __restrict out) {
@@ -153,8 +178,15 @@ inline void unpack_codes(int bits, const int32_t* w, int D, float* __restrict ou
       }
       return;
     }
+#ifdef KVPRESS_VBMI
+    if (bits == 2) {
+      for (int i = 0; i < DC / 64; ++i) unpack64_crumbs(bytes + 16 * i, out + 64 * i);
+      return;
+    }
+#endif
   }
-  // 2-bit codes keep the byte table (measured faster than a vectorised loop); 3- and 8-bit their shift loops
+  // 2-bit codes without AVX-512 VBMI keep the byte table (measured faster than vectorised loops); 3- and 8-bit
+  // their shift loops
   unpack(bits, w, D, out);
 }
 
