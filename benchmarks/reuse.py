@@ -201,11 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.append is not None:
         return append_records(args.out, args.append)
     if args.report:
-        result = json.loads(args.out.read_text(encoding="utf-8"))
-        print(report(result))
-        rows = result.get("per_question") or per_question_table(result["accuracy"], result["queries"])
-        if rows:
-            plot(result["ttft"], rows, result["queries"], args.out.with_suffix(".png"))
+        show(json.loads(args.out.read_text(encoding="utf-8")), args.out.with_suffix(".png"))
         return 0
     torch.set_num_threads(args.threads)
     model, tokenizer = kvpress.load_model(args.model)
@@ -250,10 +246,17 @@ def main(argv: list[str] | None = None) -> int:
         rows = per_question_table(result["accuracy"], args.queries)
         result["per_question"] = rows
         save()
-        print(report(result))
-        if args.accuracy_out is None:
-            plot(result["ttft"], rows, args.queries, args.out.with_suffix(".png"))
+        show(result, None if args.accuracy_out is not None else args.out.with_suffix(".png"))
     return 0
+
+
+def show(result: dict, png: Path | None) -> None:
+    """Print ``result``'s tables; redraw its plot at ``png`` when there are K-question rows and a full-prefill TTFT
+    row (the plot's TTFT panel is relative to it)."""
+    print(report(result))
+    rows = result.get("per_question") or per_question_table(result["accuracy"], result["queries"])
+    if png is not None and rows and any(r["config"] == "none" for r in result["ttft"]):
+        plot(result["ttft"], rows, result["queries"], png)
 
 
 def append_records(out: Path, extra: Path) -> int:
@@ -273,9 +276,7 @@ def append_records(out: Path, extra: Path) -> int:
     result.setdefault("appended", []).append({"from": str(extra), "records": len(added)})
     out.write_text(json.dumps(result, indent=2), encoding="utf-8")
     print(f"added {len(added)} records ({len(more['accuracy']) - len(added)} already held) to {out}")
-    print(report(result))
-    if any(r["config"] == "none" for r in result["ttft"]):  # the plot's TTFT panel is relative to the full prefill
-        plot(result["ttft"], result["per_question"], result["queries"], out.with_suffix(".png"))
+    show(result, out.with_suffix(".png"))
     return 0
 
 

@@ -241,6 +241,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def plot_all(out: Path, results: list[dict[str, Any]] | None = None) -> None:
+    """One plot over every configuration soaked in ``out`` (runs of one configuration each add their line);
+    ``results``: those runs when already read."""
+    if results is None:
+        results = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(out.glob("soak_*_*.json"))]
+    plot(results, out / "soak.png")
+    print(f"plot: {out / 'soak.png'} ({len(results)} configurations)")
+
+
 def table(results: list[dict[str, Any]]) -> str:
     """The soak verdicts as a markdown table (what RESULTS.md shows)."""
     lines = ["| configuration | tokens | threads | bytes held after warm-up -> end (MiB) | RSS growth | NaN/Inf | "
@@ -265,26 +274,21 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_all(out: Path) -> None:
-    """One plot over every configuration soaked in ``out`` (runs of one configuration each add their line)."""
-    everything = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(out.glob("soak_*_*.json"))]
-    plot(everything, out / "soak.png")
-    print(f"plot: {out / 'soak.png'} ({len(everything)} configurations)")
-
-
 def rejudge(out: Path) -> int:
     """Recompute the verdict of every soak JSON in ``out`` from its interval series; redraw the plot."""
     paths = sorted(out.glob("soak_*_*.json"))
     if not paths:
         print(f"kvpress soak: error: no soak_*_*.json in {out}", file=sys.stderr)
         return 2
+    results = []
     for path in paths:
         result = json.loads(path.read_text(encoding="utf-8"))
         result["verdict"] = verdict(result["config"], result["intervals"])
         path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
         print(f"[{result['config']}] verdict: {json.dumps(result['verdict'])}")
-    print(table([json.loads(p.read_text(encoding="utf-8")) for p in paths]))
-    plot_all(out)
+        results.append(result)
+    print(table(results))
+    plot_all(out, results)
     return 0
 
 
