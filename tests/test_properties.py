@@ -138,7 +138,7 @@ def test_head_split_bytes_are_the_sum_of_its_groups(b, heads, n, d, quantized, s
     groups = [perm[:cut].sort().values, perm[cut:].sort().values]
     spec = KVQuant(bits=data.draw(st.sampled_from(ALLOWED_BITS)), group_size=8, residual=8, n_sink=2, rotate=False)
     factory = (lambda: spec.create_storage(0)) if quantized else DenseStorage
-    split = HeadSplitStorage.empty(groups, factory)
+    split = HeadSplitStorage(groups, [factory() for _ in groups])
     k, v = _randn((b, heads, n, d), seed), _randn((b, heads, n, d), seed + 1)
     split.append(k, v, 0)
     view = split.view()

@@ -51,10 +51,6 @@ class HeadSplitStorage(KVStorage):
         self.kv_heads = sum(g.numel() for g in self.groups)
         self._slots: list[int] | None = None  # slots per group in the last merged view (what select's mask covers)
 
-    @classmethod
-    def empty(cls, groups: list[torch.Tensor], factory: Callable[[], KVStorage]) -> HeadSplitStorage:
-        return cls(groups, [factory() for _ in groups])
-
     # -- KVStorage ---------------------------------------------------------------------------------------------
     def append(self, keys: torch.Tensor, values: torch.Tensor, start_position: int) -> None:
         if keys.shape[1] != self.kv_heads:
