@@ -94,8 +94,13 @@ def sample(logits: torch.Tensor, generator: torch.Generator, temperature: float,
 
 
 def soak(model, prompt: torch.Tensor, name: str, policy: Any, tokens: int, every: int, seed: int,
-         temperature: float, top_k: int, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Generate ``tokens`` tokens under ``policy``; the per-interval series and the verdicts (module docstring)."""
+         temperature: float, top_k: int, log: Callable[[str], None] = print,
+         on_interval: Callable[[list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:
+    """Generate ``tokens`` tokens under ``policy``; the per-interval series and the verdicts (module docstring).
+
+    ``on_interval`` receives the series so far after every interval (the script saves it, so that a long soak
+    stopped early still leaves what it measured).
+    """
     import kvpress
 
     generator = torch.Generator().manual_seed(seed)
@@ -125,6 +130,8 @@ def soak(model, prompt: torch.Tensor, name: str, policy: Any, tokens: int, every
                     f"{peak / 2**20:.2f})  RSS {row['rss'] / 2**20:8.1f} MiB  {row['tokens_per_s']:6.1f} tok/s  "
                     f"finite={row['cache_finite'] and nonfinite_logits == 0}")
                 sys.stdout.flush()
+                if on_interval is not None:
+                    on_interval(intervals)
                 last, peak = now, 0
     return {"config": name, "policy_repr": repr(policy), "tokens": tokens, "every": every, "seed": seed,
             "prompt_tokens": int(prompt.shape[1]), "intervals": intervals, "verdict": verdict(name, intervals)}
@@ -230,11 +237,20 @@ def main(argv: list[str] | None = None) -> int:
         tokens = args.tokens or DEFAULT_TOKENS.get(name, 10_000)
         print(f"[{name}] {policy!r}: {tokens:,} tokens, sampling (T={args.temperature}, top-k {args.top_k}, "
               f"seed {args.seed}), torch threads {torch.get_num_threads()}")
-        result = soak(model, prompt, name, policy, tokens, args.every, args.seed, args.temperature, args.top_k)
-        result.update(model=args.model, window=args.window, torch_threads=torch.get_num_threads(),
-                      versions={"torch": torch.__version__})
         path = out / f"soak_{name}_{tokens}.json"
+        partial = path.with_name(path.name + ".partial")  # not matched by --rejudge and the plot (soak_*_*.json)
+        settings = dict(model=args.model, window=args.window, torch_threads=torch.get_num_threads(),
+                        versions={"torch": torch.__version__})
+
+        def save_partial(intervals: list[dict[str, Any]], name: str = name, partial: Path = partial) -> None:
+            partial.write_text(json.dumps({"config": name, "intervals": intervals, **settings}) + "\n",
+                               encoding="utf-8")
+
+        result = soak(model, prompt, name, policy, tokens, args.every, args.seed, args.temperature, args.top_k,
+                      on_interval=save_partial)
+        result.update(settings)
         path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        partial.unlink(missing_ok=True)
         print(f"[{name}] verdict: {json.dumps(result['verdict'])} -> {path}")
         results.append(result)
     plot_all(out)

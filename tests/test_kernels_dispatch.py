@@ -164,19 +164,22 @@ def test_decode_never_materialises_without_a_policy_but_a_policy_reads_keys(monk
     with torch.no_grad(), kvpress.patch(model, spec):
         model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
     layers = model.config.num_hidden_layers
-    assert counter.n == layers  # the prefill only (its SDPA over the exact prompt); no decode step
+    assert counter.n == 0  # the prefill reads its exact tokens as a plain view; no decode step builds one
     counter.n = 0
     policy = ReadKeys()
     with torch.no_grad(), kvpress.patch(model, policy | spec):
         model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
-    assert counter.n == layers * 5 and len(policy.seen) == layers * 5  # built on demand, once per layer-step
+    # built on demand, once per layer and decode step (the prefill's view is plain)
+    assert counter.n == layers * 4 and len(policy.seen) == layers * 5
     assert all(shape[:2] == (2, model.config.num_key_value_heads) for shape in policy.seen)
 
 
 def test_update_hands_the_model_zero_stride_stand_ins():
     cache = kvpress.KVPressCache(tiny_model("llama").config, KVQuant(bits=4, group_size=8).create_storage)
     k, v = torch.randn(2, 2, 12, 16), torch.randn(2, 2, 12, 16)
-    keys, values = cache.update(k, v, 0)
+    keys, values = cache.update(k[:, :, :11], v[:, :, :11], 0)
+    assert torch.equal(keys, k[:, :, :11])  # a prefill: its exact tokens as they are
+    keys, values = cache.update(k[:, :, 11:], v[:, :, 11:], 0)
     assert keys.shape == (2, 2, 12, 16) and keys.stride() == (0, 0, 0, 0) and keys.dtype == k.dtype
     assert isinstance(cache.layers[0].last_view, LazyAttentionView)
     assert not cache.layers[0].last_view.is_materialised

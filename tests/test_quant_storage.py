@@ -96,7 +96,9 @@ def test_rotate_auto_default(bits, key_bits, expected):
     assert spec.rotate == "auto" and spec.rotated == (expected, expected)
     st = spec.create_storage(0)
     st.append(*_kv(n=20), 0)
-    view = st.view()
+    first = st.view()  # the prefill's exact tokens, read unrotated
+    assert first.key_rotation is None and first.value_rotation is None
+    view = st.view()  # the stored form
     assert (view.key_rotation is not None) == expected and (view.value_rotation is not None) == expected
 
 
@@ -355,6 +357,65 @@ def test_select_everything_returns_same_storage_and_repeated_eviction():
     # the body's key groups shrank by eviction: held group lengths are tracked, emptied groups dropped
     body = st.body
     assert body is not None and body.n_groups <= body.n_tokens // 4 + 2
+
+
+
+def test_small_evictions_are_masked_then_dropped_together():
+    """StreamingLLM-like eviction of one token per step: the first few selects only mask (same bytes, same
+    tensors), attention sees exactly the kept tokens, and the select past the limit drops every masked token."""
+    from kvpress.quant.storage import DEFER_FRACTION, DEFER_SLOTS
+
+    spec = KVQuant(bits=2, group_size=8, residual=16, n_sink=2)
+    n0 = 300
+    k, v = _kv(n=n0 + 40, seed=5)
+    st = _fill(spec, k[:, :, :n0], v[:, :, :n0], prefill=n0 - 20)
+    limit = min(DEFER_SLOTS, n0 // DEFER_FRACTION)
+    assert 1 < limit < 40
+    reference = st  # the same evictions, each dropped at once
+    for step in range(limit + 1):
+        t = n0 + step
+        view = st.view()
+        pos = view.positions if view.positions is not None else torch.arange(view.shape[2]).expand(view.shape[:3])
+        valid = view.valid if view.valid is not None else torch.ones(view.shape[:3], dtype=torch.bool)
+        oldest = torch.where(valid & (pos >= 2), pos, torch.full_like(pos, 1 << 30)).amin(-1, keepdim=True)
+        keep = valid & (pos != oldest)  # evict the oldest non-sink token
+        before, st = st, st.select(keep)
+        ref_view = reference.view()
+        ref_pos = ref_view.positions if ref_view.positions is not None else torch.arange(ref_view.shape[2]).expand(
+            ref_view.shape[:3])
+        ref_valid = ref_view.valid if ref_view.valid is not None else torch.ones(ref_view.shape[:3], dtype=torch.bool)
+        reference = _physical_select(reference, ref_valid & (ref_pos != oldest))
+        if step < limit:  # masked: every held tensor as it was, one more slot marked invalid
+            assert st.masked_slots == step + 1 and st.n_slots == n0 + step
+            assert all(getattr(st, name) is getattr(before, name) for name in ("body", "sink_k", "res_k", "res_v"))
+            assert int((~st.valid).sum()) == 2 * 3 * (step + 1)
+        else:  # every masked token dropped
+            assert st.masked_slots == 0 and st.n_slots == n0 + step - (limit + 1) and st.valid is None
+        got, want = st.view(), reference.view()
+        g_valid = got.valid if got.valid is not None else torch.ones(got.shape[:3], dtype=torch.bool)
+        w_valid = want.valid if want.valid is not None else torch.ones(want.shape[:3], dtype=torch.bool)
+        assert torch.equal(st.lengths(), reference.lengths())
+        g_pos, w_pos = (x.positions if x.positions is not None else torch.arange(x.shape[2]).expand(x.shape[:3])
+                        for x in (got, want))
+        for b in range(2):
+            for h in range(3):
+                assert torch.equal(g_pos[b, h][g_valid[b, h]], w_pos[b, h][w_valid[b, h]])
+                assert torch.equal(got.keys[b, h][g_valid[b, h]], want.keys[b, h][w_valid[b, h]])
+                assert torch.equal(got.values[b, h][g_valid[b, h]], want.values[b, h][w_valid[b, h]])
+        st.append(k[:, :, t : t + 1], v[:, :, t : t + 1], t)
+        reference.append(k[:, :, t : t + 1], v[:, :, t : t + 1], t)
+        st.view(), reference.view()
+
+
+def _physical_select(storage, keep):
+    import kvpress.quant.storage as quant_storage
+
+    saved = quant_storage.DEFER_SLOTS
+    quant_storage.DEFER_SLOTS = 0
+    try:
+        return storage.select(keep)
+    finally:
+        quant_storage.DEFER_SLOTS = saved
 
 
 def test_index_batch_reorders_exactly():

@@ -101,6 +101,7 @@ def quantized_state(storage: Any) -> StorageState:
         key_rotation=storage.key_rotation is not None,
         value_rotation=storage.value_rotation is not None,
         body=storage.body is not None,
+        masked_slots=storage.masked_slots,
     )
     tensors = optional_tensors(**{name: getattr(storage, name) for name in _EXACT})
     if storage.fresh is not None:
@@ -137,4 +138,5 @@ def quantized_from_state(cls: type, tensors: dict[str, torch.Tensor], meta: dict
         storage.value_rotation = rv if meta["value_rotation"] else None
     if meta["body"]:
         storage.body = body_from_state(storage.cfg, under(tensors, "body."))
+    storage.masked_slots = int(meta.get("masked_slots", 0))
     return storage

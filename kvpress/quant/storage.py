@@ -59,6 +59,12 @@ POSITION_DTYPE = torch.int32
 # Re-positioning's keys to replace: slots ``where`` (a (batch, head, slot) index tuple) get ``fn(keys)``, keys in the
 # unrotated basis (float32).
 MovedKeys = tuple[tuple[torch.Tensor, ...], Callable[[torch.Tensor], torch.Tensor]]
+# Evicted tokens per head that a select may only mask (``valid`` False) before one select drops them all: at most
+# a key group, and at most 1/32 of the slots held (so masked tokens never add more than ~3% to the bytes). A
+# policy evicting one token per decode step (StreamingLLM) then pays a gather of the layer every 32nd step, not
+# every step. Attention never sees a masked slot; bytes count it until it is dropped.
+DEFER_SLOTS = 32
+DEFER_FRACTION = 32
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
@@ -112,7 +118,10 @@ class QuantizedStorage(KVStorage):
         self.valid: torch.Tensor | None = None  # [B, H, N] bool; None: every slot is a real token
         self.fresh: tuple[torch.Tensor, torch.Tensor] | None = None  # exact tokens of the last append
         self.kernels: str | None = None  # kernel backend for this layer ("auto"/"torch"/"triton"; None: global)
-        self._group_ids: tuple[QuantizedBody, torch.Tensor] | None = None  # body -> its token groups (int32)
+        # body -> its token groups (int32); one dict shared by the snapshots views take (copy.copy), so that
+        # decode steps between two flushes or selects compute them once
+        self._group_ids: dict[str, QuantizedBody | torch.Tensor] = {}
+        self.masked_slots = 0  # evicted tokens still held, masked, in the head holding most (see DEFER_SLOTS)
 
     # -- sizes -----------------------------------------------------------------------------------------------
     @property
@@ -170,6 +179,11 @@ class QuantizedStorage(KVStorage):
         """The layer as attention reads it: a lazy view (see the module docstring); consumes the exact copy of
         the last append."""
         fresh, self.fresh = self.fresh, None
+        if fresh is not None and fresh[0].shape[2] == self.n_slots:
+            # Everything held came with this append (a prefill): attention reads the exact tokens as they are,
+            # unrotated, so neither they nor the queries and outputs go through the rotation.
+            positions = None if self.positions is None else self.positions.long()
+            return AttentionView(fresh[0], fresh[1], positions, self.valid)
         return copy.copy(self)._lazy_view(fresh)  # a snapshot: appends and selects replace tensors, never write
 
     def _lazy_view(
@@ -279,13 +293,19 @@ class QuantizedStorage(KVStorage):
         """The body for the kernels, attending its first ``n_tokens`` tokens (token groups cached per body)."""
         gid = None
         if self.body.group_len is not None:
-            if self._group_ids is None or self._group_ids[0] is not self.body:
-                self._group_ids = (self.body, self.body.group_ids().to(torch.int32).contiguous())
-            gid = self._group_ids[1]
+            memo = self._group_ids
+            if memo.get("body") is not self.body:
+                memo["gid"] = self.body.group_ids().to(torch.int32).contiguous()
+                memo["body"] = self.body
+            gid = memo["gid"]
         return packed_body(self.body, n_tokens, gid)
 
     def select(self, keep: torch.Tensor) -> KVStorage:
         """Keep the slots where ``keep`` is True, without re-quantizing anything.
+
+        A few evicted tokens per head (up to :data:`DEFER_SLOTS`, and 1/:data:`DEFER_FRACTION` of the slots) are
+        masked (``valid`` False) rather than dropped; the select that would pass that count drops every masked
+        token at once.
 
         Per head the kept slots, in order, are sinks, body tokens, residual tokens. Heads keeping fewer tokens
         than the most-keeping head are padded (slots marked invalid, duplicating the head's last kept sink or
@@ -303,6 +323,12 @@ class QuantizedStorage(KVStorage):
             keep = keep & self.valid
         if (self.valid is None and bool(keep.all())) or (self.valid is not None and torch.equal(keep, self.valid)):
             return self
+        dropped = int((~keep if self.valid is None else self.valid & ~keep).sum(-1).max())
+        defer_limit = min(DEFER_SLOTS, keep.shape[-1] // DEFER_FRACTION)
+        if self.masked_slots + dropped <= defer_limit and bool(keep.any(-1).all()):
+            out = copy.copy(self)  # mask now, drop with a later select (DEFER_SLOTS)
+            out.valid, out.masked_slots = keep, self.masked_slots + dropped
+            return out
         b, h, n = keep.shape
         device = keep.device
         counts = keep.sum(-1)
@@ -324,6 +350,7 @@ class QuantizedStorage(KVStorage):
         q_new = k_new - s_new - r_new
 
         out = copy.copy(self)
+        out.masked_slots = 0
         positions = self.positions.long() if self.positions is not None else slot.expand(b, h, n)
         out.positions = positions.gather(2, idx).to(POSITION_DTYPE)
         out.valid = None if not bool(is_pad.any()) else ~is_pad
