@@ -16,6 +16,13 @@ copy of the whole layer per step. The tail takes new tokens at the cost of copyi
 into the flat part when it reaches :data:`TAIL_TOKENS` tokens or before an eviction (amortised: one rebuild per
 ``TAIL_TOKENS`` steps). Nothing is held twice and no slack is allocated, so bytes stay exact.
 
+Why evicted tokens may stay a while: a policy that evicts a token or two at every decode step (the learned scorer's
+threshold mode, H2O) would rebuild the layout at every step. A select that drops few tokens (up to
+:data:`DEFER_SLOTS` per head, and 1/:data:`DEFER_FRACTION` of the slots) only marks them in ``masked``
+``[batch, kv_heads, slots]`` (over the padded view's slots, which appends and folds never renumber); attention and
+policies never see them, ``lengths()`` does not count them, ``nbytes()`` does until the select that passes the
+limit drops every masked token in one rebuild.
+
 Attention gets a :class:`~kvpress.storage.LazyAttentionView`: decode steps read the flat layout and the tail
 directly (:func:`kvpress.kernels.ragged_decode`: a fused Triton varlen kernel on CUDA, a fused C++ kernel on CPU;
 no padding read), and the padded ``[batch, kv_heads, max_len, head_dim]`` tensors plus a validity mask are built
@@ -24,6 +31,8 @@ during that step and is never held by the cache.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -35,6 +44,9 @@ from kvpress.storage.dense import POSITION_DTYPE, DenseStorage
 
 # Tokens the dense tail holds before it is folded into the flat layout.
 TAIL_TOKENS = 64
+# Evicted tokens a select may only mask before one select drops them all (see the module docstring).
+DEFER_SLOTS = 32
+DEFER_FRACTION = 32
 
 
 class RaggedStorage(KVStorage):
@@ -46,6 +58,8 @@ class RaggedStorage(KVStorage):
         self.tail_k: torch.Tensor | None = None
         self.tail_v: torch.Tensor | None = None
         self.tail_positions: torch.Tensor | None = None
+        self.masked: torch.Tensor | None = None  # [batch, kv_heads, <= slots] bool: evicted, still held
+        self.masked_slots = 0  # masked tokens in the head masking most
 
     @classmethod
     def from_padded(
@@ -65,17 +79,25 @@ class RaggedStorage(KVStorage):
         return 0 if self.tail_k is None else self.tail_k.shape[2]
 
     def lengths(self) -> torch.Tensor:
-        return self.lengths_ + self.n_tail
+        held = self.lengths_ + self.n_tail
+        return held if self.masked is None else held - self.masked.sum(-1)
 
     def tensors(self) -> list[torch.Tensor]:
-        tail = [t for t in (self.tail_k, self.tail_v, self.tail_positions) if t is not None]
-        return [self.keys, self.values, self.positions, self.lengths_, *tail]
+        extra = [t for t in (self.tail_k, self.tail_v, self.tail_positions, self.masked) if t is not None]
+        return [self.keys, self.values, self.positions, self.lengths_, *extra]
 
     def _slot_valid(self) -> torch.Tensor:
-        lengths = self.lengths()
+        """``[batch, kv_heads, max_len]``: the slots holding a token (masked ones included)."""
+        lengths = self.lengths_ + self.n_tail
         max_len = int(lengths.max()) if lengths.numel() else 0
         slots = torch.arange(max_len, device=lengths.device)
         return slots < lengths.unsqueeze(-1)
+
+    def _masked_slots(self, max_len: int) -> torch.Tensor | None:
+        """``masked`` over ``max_len`` slots (slots appended since it was set are not masked)."""
+        if self.masked is None:
+            return None
+        return torch.nn.functional.pad(self.masked, (0, max_len - self.masked.shape[-1]))
 
     def _tail_slots(self) -> torch.Tensor:
         """``[batch, kv_heads, n_tail]`` slot of each tail token in the padded view (right after its head's flat
@@ -83,10 +105,12 @@ class RaggedStorage(KVStorage):
         return self.lengths_.unsqueeze(-1) + torch.arange(self.n_tail, device=self.lengths_.device)
 
     def view(self) -> AttentionView:
-        valid = self._slot_valid()
-        batch, heads, max_len = valid.shape
+        held = self._slot_valid()
+        batch, heads, max_len = held.shape
+        masked = self._masked_slots(max_len)
+        valid = held if masked is None else held & ~masked
         n_tail = self.n_tail
-        flat_valid = valid if not n_tail else torch.arange(max_len, device=valid.device) < self.lengths_.unsqueeze(-1)
+        flat_valid = held if not n_tail else torch.arange(max_len, device=held.device) < self.lengths_.unsqueeze(-1)
         positions = torch.zeros(batch, heads, max_len, dtype=torch.long, device=self.keys.device)
         positions[flat_valid] = self.positions.long()
         tail_slots = self._tail_slots() if n_tail else None
@@ -128,7 +152,7 @@ class RaggedStorage(KVStorage):
             decode=decode,
             positions=positions,
             valid=valid,
-            decode_masks_padding=True,
+            decode_masks_padding=masked is None,  # masked tokens are masked by attention's mask
         )
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, start_position: int) -> None:
@@ -173,10 +197,20 @@ class RaggedStorage(KVStorage):
         self.tail_k = self.tail_v = self.tail_positions = None
 
     def select(self, keep: torch.Tensor) -> KVStorage:
-        self.fold_tail()  # the padded view's slots are the same before and after folding
-        valid = self._slot_valid()
+        held = self._slot_valid()
+        masked = self._masked_slots(held.shape[-1])
+        valid = held if masked is None else held & ~masked
         keep = keep & valid
-        flat_keep = keep[valid]
+        dropped = int((valid & ~keep).sum(-1).max()) if keep.numel() else 0
+        if dropped == 0:
+            return self
+        limit = min(DEFER_SLOTS, held.shape[-1] // DEFER_FRACTION)
+        if self.masked_slots + dropped <= limit and bool(keep.any(-1).all()):
+            out = copy.copy(self)  # mask now, drop with a later select
+            out.masked, out.masked_slots = held & ~keep, self.masked_slots + dropped
+            return out
+        self.fold_tail()  # the padded view's slots are the same before and after folding
+        flat_keep = keep[held]
         lengths = keep.sum(dim=-1).to(torch.long)
         keys, values, positions = self.keys[flat_keep], self.values[flat_keep], self.positions[flat_keep]
         if bool((lengths == lengths.flatten()[0]).all()):
@@ -204,7 +238,10 @@ class RaggedStorage(KVStorage):
         fold = getattr(self, "fold_tail", None)  # recently decoded tokens held beside the body, if any
         if callable(fold):
             fold()
-        return {"keys": self.keys, "values": self.values, "positions": self.positions, "lengths": self.lengths_}, {}
+        tensors = {"keys": self.keys, "values": self.values, "positions": self.positions, "lengths": self.lengths_}
+        if self.masked is not None:
+            tensors["masked"] = self.masked
+        return tensors, {"masked_slots": self.masked_slots}
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "RaggedStorage":
@@ -213,4 +250,10 @@ class RaggedStorage(KVStorage):
             raise ValueError(f"ragged storage state lacks {missing}")
         if int(tensors["lengths"].sum()) != tensors["keys"].shape[0]:
             raise ValueError("ragged storage state: lengths do not add up to the number of tokens held")
-        return cls(tensors["keys"], tensors["values"], tensors["positions"], tensors["lengths"])
+        out = cls(tensors["keys"], tensors["values"], tensors["positions"], tensors["lengths"])
+        masked = tensors.get("masked")
+        if masked is not None:
+            if masked.dtype != torch.bool or masked.shape[:2] != out.lengths_.shape:
+                raise ValueError("ragged storage state: masked must be bool [batch, kv_heads, slots]")
+            out.masked, out.masked_slots = masked, int(meta.get("masked_slots", 0))
+        return out
