@@ -1,4 +1,5 @@
-"""Fused CPU decode kernels (``kvpress/kernels/cpu/decode.cpp``), built once with torch's extension tooling.
+"""Fused CPU kernels (``kvpress/kernels/cpu/decode.cpp``: decode attention; ``quantize.cpp``: quantize-and-pack),
+built once with torch's extension tooling.
 
 Why a C++ kernel: a decode step over a quantized or ragged layer in torch is ~40 small ops per 1,024-token chunk
 (unpack, scale, softmax pieces, merges), whose dispatch costs more on CPU than the bytes they save. The kernel
@@ -33,7 +34,8 @@ import torch
 from kvpress.kernels.layout import PackedBody
 from kvpress.kernels.partial import AttentionPartial
 
-SOURCE = Path(__file__).with_name("cpu") / "decode.cpp"
+# One extension: the decode kernels, and the quantize-and-pack kernel that fills what they read.
+SOURCES = (Path(__file__).with_name("cpu") / "decode.cpp", Path(__file__).with_name("cpu") / "quantize.cpp")
 MAX_ROWS = 64  # query rows per KV head (q_heads / kv_heads * q_len) the kernel takes
 MAX_HEAD_DIM = 256
 BITS = (2, 3, 4, 8)
@@ -62,7 +64,7 @@ LDFLAGS = ["-fopenmp"]
 
 def _build_name() -> str:
     flags = " ".join(CFLAGS + LDFLAGS)
-    key = SOURCE.read_bytes() + _cpu_flags().encode() + torch.__version__.encode() + flags.encode()
+    key = b"".join(path.read_bytes() for path in SOURCES) + _cpu_flags().encode() + torch.__version__.encode() + flags.encode()
     digest = hashlib.sha256(key).hexdigest()
     return f"kvpress_cpu_decode_{digest[:12]}"
 
@@ -95,7 +97,7 @@ def _load() -> tuple[ModuleType | None, str | None]:
         clear_stale_lock(_build_name())
         module = load(
             name=_build_name(),
-            sources=[str(SOURCE)],
+            sources=[str(path) for path in SOURCES],
             extra_cflags=CFLAGS,
             extra_ldflags=LDFLAGS,
             verbose=False,
@@ -223,3 +225,35 @@ if __name__ == "__main__":  # `python -m kvpress.kernels.cpu_decode`: build ahea
     err = load_error()
     print("kvpress C++ decode kernel:", "ready" if err is None else err)
     raise SystemExit(0)
+
+
+def quantize_pack_cpu(x: torch.Tensor, bits: int, group_size: int, axis: str,
+                      scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize and pack ``x`` ``[..., T, D]`` (float32) in one pass: ``(codes, scale, zero)``, bit-exact with
+    :func:`kvpress.quant.quantizer.quantize` (no ``exclude``) and :func:`kvpress.quant.packing.pack`.
+
+    Returns:
+        codes ``[..., T, packed_words(D, bits)]`` int32; scale and zero ``[..., ceil(T / G), D]`` (``axis="channel"``)
+        or ``[..., T, D / G]`` (``axis="token"``) in ``scale_dtype`` (float32, float16 or bfloat16).
+
+    Raises:
+        ValueError: ``x`` is not finite, or its range does not fit ``scale_dtype`` (as the torch quantizer).
+    """
+    module, error = _load()
+    if module is None:
+        raise RuntimeError(error)
+    if scale_dtype not in SCALE_CODES:
+        raise ValueError(f"scale_dtype must be one of {tuple(SCALE_CODES)}, got {scale_dtype}")
+    lead, (t, d) = x.shape[:-2], x.shape[-2:]
+    flat = x.float().reshape(-1, t, d).contiguous()
+    codes, scale, zero = _profiled("quantize_pack", module.quantize_pack, flat, bits, group_size,
+                                   axis == "channel", SCALE_CODES[scale_dtype])
+    if not (bool(torch.isfinite(scale).all()) and bool(torch.isfinite(zero).all())):
+        raise ValueError(
+            f"x is not finite or its range does not fit scale_dtype={scale_dtype}; use scale_dtype=torch.float32"
+        )
+    return (codes.reshape(*lead, t, codes.shape[-1]), scale.reshape(*lead, *scale.shape[1:]),
+            zero.reshape(*lead, *zero.shape[1:]))
+
+
+SCALE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

@@ -9,8 +9,8 @@ Choice, first match wins:
    importable, a CPU tensor without ``TRITON_INTERPRET=1``, the C++ kernel not buildable, an unsupported head_dim,
    bit width, value group, dtype or GEAR terms); ``"auto"`` (default):
 2. CUDA tensors use the Triton kernels and CPU tensors the C++ kernels (:mod:`kvpress.kernels.cpu_decode`) when
-   they support the case, and otherwise fall back to torch with one warning per reason. Quantize-and-pack has
-   no C++ kernel: on CPU it is the torch quantizer (no warning).
+   they support the case, and otherwise fall back to torch with one warning per reason (quantize-and-pack with
+   a scale dtype the C++ kernel does not take uses the torch quantizer without a warning).
 
 ``TRITON_INTERPRET=1`` (set before the kernels are first used) runs the Triton kernels on CPU through Triton's
 interpreter, which the tests use with ``KVPRESS_KERNELS=triton``; it is about a thousand times slower than torch.
@@ -289,11 +289,14 @@ def _q_len(mask: torch.Tensor | None) -> int:
 
 def pack_backend(x: torch.Tensor, bits: int, group_size: int, axis: str, scale_dtype: torch.dtype,
                  backend: str | None = None) -> str:  # fmt: skip
-    """Backend for quantize-and-pack of ``x`` ``[..., T, D]`` (``"torch"`` means: use ``kvpress.quant``'s
-    quantizer)."""
+    """Backend for quantize-and-pack of ``x`` ``[..., T, D]``: ``"triton"``, ``"cpp"``, or ``"torch"`` (use
+    ``kvpress.quant``'s quantizer)."""
+    cpp = None if scale_dtype not in cpu_decode.SCALE_CODES else dict(
+        rows=1, head_dim=x.shape[-1], dtype=torch.float32, bits=(bits,))
     return choose_backend(
         "quantize-and-pack",
         backend,
+        cpp=cpp,
         device=x.device,
         dtype=x.dtype,
         head_dim=x.shape[-1],
@@ -303,8 +306,13 @@ def pack_backend(x: torch.Tensor, bits: int, group_size: int, axis: str, scale_d
     )
 
 
-def quantize_pack(x: torch.Tensor, bits: int, group_size: int, axis: str, scale_dtype: torch.dtype):
-    """The Triton quantize-and-pack (see :mod:`kvpress.kernels.quant_pack_triton`)."""
+def quantize_pack(x: torch.Tensor, bits: int, group_size: int, axis: str, scale_dtype: torch.dtype,
+                  backend: str = "triton"):
+    """The fused quantize-and-pack of ``backend`` (a choice of :func:`pack_backend`): ``(codes, scale, zero)``,
+    bit-exact with :func:`kvpress.quant.quantizer.quantize` (see :mod:`kvpress.kernels.quant_pack_triton` and
+    :func:`kvpress.kernels.cpu_decode.quantize_pack_cpu`)."""
+    if backend == "cpp":
+        return cpu_decode.quantize_pack_cpu(x, bits, group_size, axis, scale_dtype)
     from kvpress.kernels.quant_pack_triton import quantize_pack_triton
 
     return quantize_pack_triton(x, bits, group_size, axis, scale_dtype)

@@ -36,8 +36,9 @@ tokens, unrotated) and the packed body through :func:`kvpress.kernels.quantized_
 on CUDA, fused C++ kernel on CPU, chunked torch path otherwise: the body is never dequantized whole), merged by
 log-sum-exp.
 The dequantized ``keys``/``values`` tensors of the view are built only if something reads them (a policy, a
-re-positioning layer, a prefill or extend forward). On CUDA the window is flushed by the fused quantize-and-pack
-kernel when the body has no GEAR terms (bit-exact with :func:`kvpress.quant.quantizer.quantize`).
+re-positioning layer, a prefill or extend forward). The window is flushed by a fused quantize-and-pack kernel
+(Triton on CUDA, C++ on CPU) when the body has no GEAR terms (bit-exact with
+:func:`kvpress.quant.quantizer.quantize`).
 
 Limits: keys are rotated after RoPE with one matrix per layer shared by all heads (no pre-RoPE grouped-head
 rotation); ``crop`` (assisted decoding) is not supported.
@@ -455,8 +456,8 @@ class QuantizedStorage(KVStorage):
         self.res_k, self.res_v = self.res_k[:, :, m:].clone(), self.res_v[:, :, m:].clone()
 
     def _quantize_plain(self, keys: torch.Tensor, values: torch.Tensor) -> QuantizedBody | None:
-        """Quantize a flush with the fused quantize-and-pack kernel when the dispatch picks Triton for it (no GEAR
-        terms); ``None``: use :meth:`QuantizedBody.quantize`. Bit-exact with it either way."""
+        """Quantize a flush with the fused quantize-and-pack kernel the dispatch picks (Triton on CUDA, C++ on CPU;
+        no GEAR terms); ``None``: use :meth:`QuantizedBody.quantize`. Bit-exact with it either way."""
         cfg = self.cfg
         if cfg.rank or cfg.outlier_fraction:
             return None
@@ -464,10 +465,12 @@ class QuantizedStorage(KVStorage):
             pack_backend(keys, cfg.key_bits, cfg.group_size, "channel", cfg.scale_dtype, backend=self.kernels),
             pack_backend(values, cfg.value_bits, cfg.value_group, "token", cfg.scale_dtype, backend=self.kernels),
         ]
-        if picks != ["triton", "triton"]:
+        if picks[0] != picks[1] or picks[0] == "torch":
             return None
-        k_codes, k_scale, k_zero = quantize_pack(keys, cfg.key_bits, cfg.group_size, "channel", cfg.scale_dtype)
-        v_codes, v_scale, v_zero = quantize_pack(values, cfg.value_bits, cfg.value_group, "token", cfg.scale_dtype)
+        k_codes, k_scale, k_zero = quantize_pack(keys, cfg.key_bits, cfg.group_size, "channel", cfg.scale_dtype,
+                                                 backend=picks[0])
+        v_codes, v_scale, v_zero = quantize_pack(values, cfg.value_bits, cfg.value_group, "token", cfg.scale_dtype,
+                                                 backend=picks[0])
         return QuantizedBody(cfg, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)
 
     def _rotated32(self, with_body: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

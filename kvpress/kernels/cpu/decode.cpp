@@ -642,7 +642,12 @@ std::vector<at::Tensor> ragged_decode(const at::Tensor& q, const at::Tensor& key
   return {out, lse};
 }
 
+// quantize.cpp
+std::vector<torch::Tensor> quantize_pack(torch::Tensor x, int64_t bits, int64_t group, bool channel,
+                                         int64_t scale_code);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_decode", &quant_decode, "kvpress fused quantized decode attention (CPU)");
   m.def("ragged_decode", &ragged_decode, "kvpress fused ragged decode attention (CPU)");
+  m.def("quantize_pack", &quantize_pack, "kvpress fused quantize-and-pack (CPU)");
 }
