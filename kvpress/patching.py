@@ -313,7 +313,9 @@ class PatchSession:
         q_start = layer.seen_tokens - q_len
         phase = "prefill" if q_start == 0 else ("decode" if q_len == 1 else "extend")
         if self.observer is None and phase == "decode" and not self.acts_at_decode:
-            return  # a prompt-only policy costs nothing per decode step
+            # a prompt-only policy costs nothing per decode step; a rule the storage holds itself applies here
+            layer.storage = layer.storage.settle(layer.seen_tokens)
+            return
         if view.key_rotation is not None:
             query = query @ view.key_rotation.to(query.dtype)
         positions = view.positions

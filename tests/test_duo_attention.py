@@ -138,8 +138,9 @@ def test_prefill_chunks_and_decode_hold_exact_sinks_window_and_everything():
         # streaming and retrieval heads each dense in their own part: no ragged layout to rebuild per step
         storage = cache.layers[0].storage
         assert type(storage).__name__ == "HeadSplitStorage"
-        assert [type(p).__name__ for p in storage.parts] == ["DenseStorage", "DenseStorage"]
-        assert sorted(p.keys.shape[2] for p in storage.parts) == [SINK + WINDOW, 21]
+        assert [type(p).__name__ for p in storage.parts] == ["SinkWindowStorage", "DenseStorage"]
+        assert type(storage.parts[0].inner).__name__ == "DenseStorage"
+        assert sorted(int(p.lengths().max()) for p in storage.parts) == [SINK + WINDOW, 21]
         for step in range(6):  # decoding: streaming heads stay at sinks + window
             out = model(out.logits[:, -1:].argmax(-1), **cache_kwargs(model, cache), use_cache=True)
             _check_heads(cache, 22 + step)
@@ -214,7 +215,8 @@ def test_composes_with_kvquant_each_head_group_in_its_own_quantized_storage(bits
     for layer in (0, 1):
         storage = cache_q.layers[layer].storage
         assert type(storage).__name__ == "HeadSplitStorage"
-        assert {type(p).__name__ for p in storage.parts} == {"QuantizedStorage"}
+        assert [type(p).__name__ for p in storage.parts] == ["SinkWindowStorage", "QuantizedStorage"]
+        assert type(storage.parts[0].inner).__name__ == "QuantizedStorage"
     seen = 46
     assert cache_q.layers[0].storage.lengths().tolist() == [[SINK + WINDOW, seen]]
     assert cache_q.layers[1].storage.lengths().tolist() == [[seen, SINK + WINDOW]]
@@ -477,7 +479,8 @@ def test_compression_ratio_sizes_at_the_first_forward_without_size_for(arch, how
             logits = model(ids, **cache_kwargs(model, cache), use_cache=True).logits
             kinds = {type(layer.storage).__name__ for layer, t in zip(cache.layers, cache.layer_types())
                      if t == "full_attention"}
-            assert kinds <= {"HeadSplitStorage", "DenseStorage"} and not any(layer.storage_pending for layer in cache.layers)
+            assert kinds <= {"HeadSplitStorage", "DenseStorage", "SinkWindowStorage"}  # a layer of one head group: its part
+            assert not any(layer.storage_pending for layer in cache.layers)
             results.append((logits, policy.streaming_heads.clone(), cache.nbytes()))
     assert policy.streaming_heads.any()
     if how == "generate":
@@ -485,3 +488,42 @@ def test_compression_ratio_sizes_at_the_first_forward_without_size_for(arch, how
     else:
         torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
         assert torch.equal(results[0][1], results[1][1]) and results[0][2] == results[1][2]
+
+
+class _DuoPolicyEveryStep(DuoAttention):
+    """DuoAttention as it ran before its streaming heads' storage kept the rule: the policy at every decode step."""
+
+    def acts_at(self, phase: str) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_decode_without_the_policy_equals_the_policy_at_every_step(quantized):
+    """Streaming heads trimmed by their storage (no policy call per decode step) attend to, and hold, exactly what
+    the policy called at every step gives: same logits, same tokens and bytes held after every step."""
+    assert not DuoAttention(_pattern(tiny_model("llama"))).acts_at("decode")
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch([30, 21], seed=8)
+
+    def run(cls):
+        policy = cls(_pattern(model), n_sink=SINK, window=WINDOW)
+        if quantized:
+            policy = policy | KVQuant(bits=4, n_sink=2, residual=8, group_size=8)
+        held = []
+        with torch.no_grad(), kvpress.patch(model, policy) as session:
+            cache = session.new_cache()
+            step_mask = mask
+            out = model(ids, attention_mask=step_mask, **cache_kwargs(model, cache), use_cache=True)
+            logits = [out.logits[:, -1]]
+            for _ in range(10):
+                step_mask = torch.cat([step_mask, torch.ones(2, 1, dtype=step_mask.dtype)], dim=1)
+                out = model(out.logits[:, -1:].argmax(-1), attention_mask=step_mask, **cache_kwargs(model, cache),
+                            use_cache=True)
+                logits.append(out.logits[:, -1])
+                held.append(([layer.storage.lengths().tolist() for layer in cache.layers], cache.nbytes()))
+        return torch.stack(logits), held
+
+    logits, held = run(DuoAttention)
+    logits_every, held_every = run(_DuoPolicyEveryStep)
+    torch.testing.assert_close(logits, logits_every, rtol=0, atol=0)
+    assert held == held_every

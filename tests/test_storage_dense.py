@@ -92,4 +92,4 @@ def test_the_patch_makes_storage_growable_only_where_no_policy_evicts_while_deco
     for storage in _storages(model, duo):
         assert isinstance(storage, HeadSplitStorage)
         streaming, retrieval = storage.parts
-        assert not streaming.growable and retrieval.growable
+        assert not streaming.inner.growable and retrieval.growable  # streaming heads: sinks + window, trimmed

@@ -164,6 +164,7 @@ class DuoAttention(RatioSized, Policy):
         Called by the pipeline for ``DuoAttention(...) | KVQuant(...)``."""
         from kvpress.storage.dense import DenseSpec
         from kvpress.storage.head_split import HeadSplitSpec
+        from kvpress.storage.sink_window import SinkWindowSpec
 
         if isinstance(spec, HeadSplitSpec):  # already split (a pipeline re-built from another's stages)
             return spec
@@ -172,9 +173,19 @@ class DuoAttention(RatioSized, Policy):
             heads = self.streaming_heads[layer_idx]
             return [heads.nonzero().flatten(), (~heads).nonzero().flatten()]
 
-        if isinstance(spec, DenseSpec):  # retrieval heads only grow: room past their tokens, no copy per step
-            return HeadSplitSpec(spec, groups_of, [spec, DenseSpec(growable=True)])
-        return HeadSplitSpec(spec, groups_of)
+        # Streaming heads keep their sinks and window themselves between forwards, so decode steps need no policy
+        # call (acts_at); retrieval heads only grow: dense ones get room past their tokens, no copy per step.
+        streaming = SinkWindowSpec(spec, self.n_sink, self.window)
+        retrieval = DenseSpec(growable=True) if isinstance(spec, DenseSpec) else spec
+        return HeadSplitSpec(spec, groups_of, [streaming, retrieval])
+
+    def acts_at(self, phase: str) -> bool:
+        """Not at decode steps, unless the retrieval heads' policy acts there: between forwards the streaming heads'
+        storage (:class:`~kvpress.storage.sink_window.SinkWindowStorage`, from :meth:`split_storage`) applies the
+        sinks-and-window rule itself."""
+        if phase != "decode":
+            return True
+        return self.retrieval_policy is not None and self.retrieval_policy.acts_at("decode")
 
     # -- reporting -------------------------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:

@@ -199,6 +199,12 @@ class KVStorage(ABC):
     def index_batch(self, index: torch.Tensor) -> "KVStorage":
         """A storage holding batch rows ``index`` (beam search reorder, batch selection/repeat)."""
 
+    def settle(self, seen: int) -> "KVStorage":
+        """Called after a forward in which no policy was called (a decode step of a policy that leaves its rule to
+        the storage, e.g. DuoAttention's streaming heads), ``seen`` tokens seen: apply what the storage enforces
+        itself. Returns the storage to use from now on; the default enforces nothing."""
+        return self
+
     def nbytes(self) -> int:
         """Physical bytes of every tensor held."""
         return sum(t.numel() * t.element_size() for t in self.tensors())

@@ -123,6 +123,12 @@ class HeadSplitStorage(KVStorage):
             parts.append(part.select(keep.index_select(1, group.to(keep.device))[:, :, :n]))
         return HeadSplitStorage(self.groups, parts)
 
+    def settle(self, seen: int) -> KVStorage:
+        parts = [part.settle(seen) for part in self.parts]
+        if all(new is old for new, old in zip(parts, self.parts)):
+            return self
+        return HeadSplitStorage(self.groups, parts)
+
     def tensors(self) -> list[torch.Tensor]:
         return [t for part in self.parts for t in part.tensors()]
 

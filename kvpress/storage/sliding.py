@@ -123,6 +123,14 @@ class SlidingWindowStorage(KVStorage):
         carried = by_position.gather(-1, index) > 0
         return carried if held_valid is None else carried & held_valid
 
+    def settle(self, seen: int) -> KVStorage:
+        inner = self.inner.settle(seen - self.first)  # the inner storage counts positions from `first`
+        if inner is self.inner:
+            return self
+        out = self._copy()
+        out.inner = inner
+        return out
+
     def tensors(self) -> list[torch.Tensor]:
         return self.inner.tensors()
 
