@@ -32,6 +32,7 @@ from kvpress.compat import (
     output_cache,
 )
 from kvpress.context import ForwardContext, LayerContext
+from kvpress.memory import RELEASE_EVERY, release_freed_memory
 from kvpress.policies.base import Policy, RatioSized
 from kvpress.policies.interface import Pipeline, is_storage_spec
 from kvpress.reposition import reposition, rope_inv_freqs
@@ -103,6 +104,7 @@ class PatchSession:
         self.cache_index = cache_position_index(self.decoder)
         self.active_cache: KVPressCache | None = None
         self.forward_seen = False  # the decoder pre-hook ran for the forward in progress
+        self.forwards = 0  # forwards through the kvpress cache in this block
         self.plain_causal = False  # the forward in progress has no padding and no custom mask
         self.seen = ""  # what the pre-hook saw, for error messages
         # Whole-model policy steps (Policy.after_forward): inputs of the outer forward, and while a policy runs
@@ -216,6 +218,9 @@ class PatchSession:
                 )
         if self.policy is not None and not self.in_policy_forward:
             self.policy.after_forward(self._forward_context(cache))
+        self.forwards += 1
+        if self.forwards % RELEASE_EVERY == 0:  # pages freed by rebuilt layers back to the OS (kvpress.memory)
+            release_freed_memory()
 
     def _forward_context(self, cache: KVPressCache) -> ForwardContext:
         inputs = self.forward_inputs
