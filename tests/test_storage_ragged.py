@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
+import kvpress.storage.ragged as ragged
 from kvpress.storage.dense import DenseStorage
 from kvpress.storage.ragged import DEFER_FRACTION, DEFER_SLOTS, RaggedStorage
+from storage_helpers import select_at_once
 
 
 def _ragged(batch=2, heads=3, n=320, dim=16, seed=0) -> tuple[RaggedStorage, torch.Generator]:
@@ -14,17 +16,6 @@ def _ragged(batch=2, heads=3, n=320, dim=16, seed=0) -> tuple[RaggedStorage, tor
     positions = torch.arange(n).expand(batch, heads, n)
     keep = torch.rand(batch, heads, n, generator=g) < 0.9
     return RaggedStorage.from_padded(keys, values, positions, keep), g
-
-
-def _physical(storage, keep):
-    import kvpress.storage.ragged as ragged
-
-    saved = ragged.DEFER_SLOTS
-    ragged.DEFER_SLOTS = 0
-    try:
-        return storage.select(keep)
-    finally:
-        ragged.DEFER_SLOTS = saved
 
 
 def _tokens(view, b, h):
@@ -54,7 +45,7 @@ def test_one_eviction_per_step_is_masked_until_the_limit_then_dropped():
             for h in range(3):
                 wanted = view.positions[b, h][keep[b, h]]
                 ref_keep[b, h] = ref_view.valid[b, h] & torch.isin(ref_view.positions[b, h], wanted)
-        reference = _physical(reference, ref_keep)
+        reference = select_at_once(reference, ref_keep, ragged)
         limit = min(DEFER_SLOTS, view.valid.shape[-1] // DEFER_FRACTION)
         if before.masked_slots + 1 <= limit:
             assert st.masked_slots == before.masked_slots + 1 and st.keys is before.keys  # nothing moved

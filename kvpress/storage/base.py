@@ -245,6 +245,22 @@ def storage_from_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -
     return cls.from_state(tensors, meta)
 
 
+def wrapped_state(inner: KVStorage, **meta: Any) -> StorageState:
+    """The state of a storage wrapping ``inner`` (a ring, a sink-and-window trim): the inner storage's tensors
+    under ``inner.``, its metadata under ``"inner"``, beside the wrapper's own ``meta``."""
+    tensors, inner_meta = storage_state(inner)
+    return prefixed(tensors, "inner."), {"inner": inner_meta, **meta}
+
+
+def wrapped_from_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], needs: tuple[str, ...],
+                       what: str) -> KVStorage:
+    """The inner storage of a state from :func:`wrapped_state`, once ``meta`` is checked to hold ``needs``."""
+    for key in ("inner", *needs):
+        if key not in meta:
+            raise ValueError(f"{what} state needs {key!r}")
+    return storage_from_state(under(tensors, "inner."), meta["inner"])
+
+
 def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """``tensors`` with every name prefixed by ``prefix`` (nested storages)."""
     return {prefix + name: t for name, t in tensors.items()}

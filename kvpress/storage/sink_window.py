@@ -18,15 +18,7 @@ from typing import Any
 
 import torch
 
-from kvpress.storage.base import (
-    AttentionView,
-    KVStorage,
-    StorageState,
-    prefixed,
-    storage_from_state,
-    storage_state,
-    under,
-)
+from kvpress.storage.base import AttentionView, KVStorage, StorageState, wrapped_from_state, wrapped_state
 
 
 class SinkWindowStorage(KVStorage):
@@ -89,17 +81,12 @@ class SinkWindowStorage(KVStorage):
         return self.inner.storage_nbytes()
 
     def state(self) -> StorageState:
-        tensors, inner_meta = storage_state(self.inner)
-        meta = {"inner": inner_meta, "n_sink": self.n_sink, "window": self.window, "started": self.started}
-        return prefixed(tensors, "inner."), meta
+        return wrapped_state(self.inner, n_sink=self.n_sink, window=self.window, started=self.started)
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "SinkWindowStorage":
-        for key in ("inner", "n_sink", "window"):
-            if key not in meta:
-                raise ValueError(f"sink-and-window storage state needs {key!r}")
-        out = cls(storage_from_state(under(tensors, "inner."), meta["inner"]), int(meta["n_sink"]),
-                  int(meta["window"]))
+        inner = wrapped_from_state(tensors, meta, ("n_sink", "window"), "sink-and-window storage")
+        out = cls(inner, int(meta["n_sink"]), int(meta["window"]))
         out.started = bool(meta.get("started", True))
         return out
 

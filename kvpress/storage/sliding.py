@@ -26,10 +26,8 @@ from kvpress.storage.base import (
     KVStorage,
     LazyAttentionView,
     StorageState,
-    prefixed,
-    storage_from_state,
-    storage_state,
-    under,
+    wrapped_from_state,
+    wrapped_state,
 )
 from kvpress.storage.dense import DenseStorage
 
@@ -151,17 +149,13 @@ class SlidingWindowStorage(KVStorage):
     def state(self) -> StorageState:
         """The ring between forwards: its inner storage, window, first position and whether a policy evicted
         inside it (the per-forward view is not part of it)."""
-        tensors, inner_meta = storage_state(self.inner)
-        meta = {"inner": inner_meta, "window": self.window, "first": self.first, "evicted": self.evicted,
-                "slid_to": self.slid_to}
-        return prefixed(tensors, "inner."), meta
+        return wrapped_state(self.inner, window=self.window, first=self.first, evicted=self.evicted,
+                             slid_to=self.slid_to)
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "SlidingWindowStorage":
-        for key in ("inner", "window", "first"):
-            if key not in meta:
-                raise ValueError(f"sliding-window storage state needs {key!r}")
-        out = cls(storage_from_state(under(tensors, "inner."), meta["inner"]), int(meta["window"]))
+        inner = wrapped_from_state(tensors, meta, ("window", "first"), "sliding-window storage")
+        out = cls(inner, int(meta["window"]))
         out.first = int(meta["first"])
         out.evicted = bool(meta.get("evicted", False))
         out.slid_to = int(meta.get("slid_to", 0))
