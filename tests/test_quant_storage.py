@@ -363,9 +363,9 @@ def test_select_everything_returns_same_storage_and_repeated_eviction():
 def test_small_evictions_are_masked_then_dropped_together():
     """StreamingLLM-like eviction of one token per step: the first few selects only mask (same bytes, same
     tensors), attention sees exactly the kept tokens, and the select past the limit drops every masked token."""
-    import kvpress.quant.storage as quant_storage
-    from kvpress.quant.storage import DEFER_FRACTION, DEFER_SLOTS
     from storage_helpers import select_at_once
+
+    from kvpress.storage.base import DEFER_FRACTION, DEFER_SLOTS
 
     spec = KVQuant(bits=2, group_size=8, residual=16, n_sink=2)
     n0 = 300
@@ -386,7 +386,7 @@ def test_small_evictions_are_masked_then_dropped_together():
         ref_pos = ref_view.positions if ref_view.positions is not None else torch.arange(ref_view.shape[2]).expand(
             ref_view.shape[:3])
         ref_valid = ref_view.valid if ref_view.valid is not None else torch.ones(ref_view.shape[:3], dtype=torch.bool)
-        reference = select_at_once(reference, ref_valid & (ref_pos != oldest), quant_storage)
+        reference = select_at_once(reference, ref_valid & (ref_pos != oldest))
         if step < limit:  # masked: every held tensor as it was, one more slot marked invalid
             assert st.masked_slots == step + 1 and st.n_slots == n0 + step
             assert all(getattr(st, name) is getattr(before, name) for name in ("body", "sink_k", "res_k", "res_v"))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-
-import kvpress.storage.ragged as ragged
-from kvpress.storage.dense import DenseStorage
-from kvpress.storage.ragged import DEFER_FRACTION, DEFER_SLOTS, RaggedStorage
 from storage_helpers import select_at_once
+
+from kvpress.storage.base import DEFER_FRACTION, DEFER_SLOTS
+from kvpress.storage.dense import DenseStorage
+from kvpress.storage.ragged import RaggedStorage
 
 
 def _ragged(batch=2, heads=3, n=320, dim=16, seed=0) -> tuple[RaggedStorage, torch.Generator]:
@@ -45,7 +45,7 @@ def test_one_eviction_per_step_is_masked_until_the_limit_then_dropped():
             for h in range(3):
                 wanted = view.positions[b, h][keep[b, h]]
                 ref_keep[b, h] = ref_view.valid[b, h] & torch.isin(ref_view.positions[b, h], wanted)
-        reference = select_at_once(reference, ref_keep, ragged)
+        reference = select_at_once(reference, ref_keep)
         limit = min(DEFER_SLOTS, view.valid.shape[-1] // DEFER_FRACTION)
         if before.masked_slots + 1 <= limit:
             assert st.masked_slots == before.masked_slots + 1 and st.keys is before.keys  # nothing moved

@@ -31,7 +31,7 @@ from types import ModuleType
 
 import torch
 
-from kvpress.kernels.layout import PackedBody
+from kvpress.kernels.layout import PackedBody, check_scale_range
 from kvpress.kernels.partial import AttentionPartial
 
 # One extension: the decode kernels, and the quantize-and-pack kernel that fills what they read.
@@ -41,6 +41,7 @@ MAX_HEAD_DIM = 256
 BITS = (2, 3, 4, 8)
 STALE_LOCK_S = 600.0  # a build lock older than this was left by a killed build
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SCALE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # scale dtypes quantize_pack takes, as codes
 
 
 def _cpu_flags() -> str:
@@ -64,7 +65,8 @@ LDFLAGS = ["-fopenmp"]
 
 def _build_name() -> str:
     flags = " ".join(CFLAGS + LDFLAGS)
-    key = b"".join(path.read_bytes() for path in SOURCES) + _cpu_flags().encode() + torch.__version__.encode() + flags.encode()
+    sources = b"".join(path.read_bytes() for path in SOURCES)
+    key = sources + _cpu_flags().encode() + torch.__version__.encode() + flags.encode()
     digest = hashlib.sha256(key).hexdigest()
     return f"kvpress_cpu_decode_{digest[:12]}"
 
@@ -221,12 +223,6 @@ def _f32(x: torch.Tensor | None) -> torch.Tensor | None:
     return None if x is None else x.float().contiguous()
 
 
-if __name__ == "__main__":  # `python -m kvpress.kernels.cpu_decode`: build ahead of time (make setup)
-    err = load_error()
-    print("kvpress C++ decode kernel:", "ready" if err is None else err)
-    raise SystemExit(0)
-
-
 def quantize_pack_cpu(x: torch.Tensor, bits: int, group_size: int, axis: str,
                       scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize and pack ``x`` ``[..., T, D]`` (float32) in one pass: ``(codes, scale, zero)``, bit-exact with
@@ -248,12 +244,13 @@ def quantize_pack_cpu(x: torch.Tensor, bits: int, group_size: int, axis: str,
     flat = x.float().reshape(-1, t, d).contiguous()
     codes, scale, zero = _profiled("quantize_pack", module.quantize_pack, flat, bits, group_size,
                                    axis == "channel", SCALE_CODES[scale_dtype])
-    if not (bool(torch.isfinite(scale).all()) and bool(torch.isfinite(zero).all())):
-        raise ValueError(
-            f"x is not finite or its range does not fit scale_dtype={scale_dtype}; use scale_dtype=torch.float32"
-        )
+    check_scale_range(zero, scale, scale_dtype)
     return (codes.reshape(*lead, t, codes.shape[-1]), scale.reshape(*lead, *scale.shape[1:]),
             zero.reshape(*lead, *zero.shape[1:]))
 
 
-SCALE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+if __name__ == "__main__":  # `python -m kvpress.kernels.cpu_decode`: build ahead of time (make setup)
+    err = load_error()
+    print("kvpress C++ decode kernel:", "ready" if err is None else err)
+    raise SystemExit(0)
+

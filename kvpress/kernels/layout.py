@@ -25,6 +25,15 @@ from dataclasses import dataclass
 import torch
 
 
+def check_scale_range(zero: torch.Tensor, scale: torch.Tensor, scale_dtype: torch.dtype) -> None:
+    """Raise when a quantizer's zero or scale came out non-finite: the input was not finite, or a group's range does
+    not fit ``scale_dtype`` (one check and message for the torch quantizer and the fused kernels)."""
+    if not (bool(torch.isfinite(zero).all()) and bool(torch.isfinite(scale).all())):
+        raise ValueError(
+            f"x is not finite or its range does not fit scale_dtype={scale_dtype}; use scale_dtype=torch.float32"
+        )
+
+
 @dataclass(frozen=True)
 class PackedBody:
     """The packed body tensors of one layer (layout in the module docstring) and how many tokens to attend.

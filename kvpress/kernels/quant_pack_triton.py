@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvpress.kernels.layout import check_scale_range
+
 _SCALE_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 
 
@@ -190,8 +192,5 @@ def quantize_pack_triton(
         shape = (*lead, t, ng)
     else:
         raise ValueError(f"axis must be 'channel' or 'token', got {axis!r}")
-    if not (bool(torch.isfinite(zero).all()) and bool(torch.isfinite(scale).all())):
-        raise ValueError(
-            f"x is not finite or its range does not fit scale_dtype={scale_dtype}; use scale_dtype=torch.float32"
-        )
+    check_scale_range(zero, scale, scale_dtype)
     return codes.view(*lead, t, words), scale.view(shape), zero.view(shape)

@@ -29,6 +29,7 @@ from typing import Literal
 
 import torch
 
+from kvpress.kernels.layout import check_scale_range
 from kvpress.quant.packing import check_bits, pack, unpack
 
 Axis = Literal["channel", "token"]
@@ -188,10 +189,7 @@ def quantize(
         mx = mx.masked_fill(empty, 0.0)
     zero = _round_toward(mn, scale_dtype, up=False)
     scale = _round_toward((mx - zero.to(cdt)).clamp_min(0) / levels, scale_dtype, up=True)
-    if not (bool(torch.isfinite(zero).all()) and bool(torch.isfinite(scale).all())):
-        raise ValueError(
-            f"x is not finite or its range does not fit scale_dtype={scale_dtype}; use scale_dtype=torch.float32"
-        )
+    check_scale_range(zero, scale, scale_dtype)
     s = scale.to(cdt).unsqueeze(dim)
     divisor = torch.where(s > 0, s, torch.ones_like(s))  # constant groups: x - zero == 0 there
     codes = torch.round((g - zero.to(cdt).unsqueeze(dim)) / divisor).clamp_(0, levels)

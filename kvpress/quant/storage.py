@@ -54,18 +54,12 @@ import torch
 from kvpress import kernels
 from kvpress.kernels.dispatch import pack_backend, quantize_pack
 from kvpress.quant.body import BodyConfig, QuantizedBody, QuantSpec
-from kvpress.storage.base import AttentionView, KVStorage, LazyAttentionView, StorageState
+from kvpress.storage.base import AttentionView, KVStorage, LazyAttentionView, StorageState, defers_eviction
 
 POSITION_DTYPE = torch.int32
 # Re-positioning's keys to replace: slots ``where`` (a (batch, head, slot) index tuple) get ``fn(keys)``, keys in the
 # unrotated basis (float32).
 MovedKeys = tuple[tuple[torch.Tensor, ...], Callable[[torch.Tensor], torch.Tensor]]
-# Evicted tokens per head that a select may only mask (``valid`` False) before one select drops them all: at most
-# a key group, and at most 1/32 of the slots held (so masked tokens never add more than ~3% to the bytes). A
-# policy evicting one token per decode step (StreamingLLM) then pays a gather of the layer every 32nd step, not
-# every step. Attention never sees a masked slot; bytes count it until it is dropped.
-DEFER_SLOTS = 32
-DEFER_FRACTION = 32
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
@@ -122,7 +116,7 @@ class QuantizedStorage(KVStorage):
         # body -> its token groups (int32); one dict shared by the snapshots views take (copy.copy), so that
         # decode steps between two flushes or selects compute them once
         self._group_ids: dict[str, QuantizedBody | torch.Tensor] = {}
-        self.masked_slots = 0  # evicted tokens still held, masked, in the head holding most (see DEFER_SLOTS)
+        self.masked_slots = 0  # evicted tokens still held, masked (valid False), in the head masking most
 
     # -- sizes -----------------------------------------------------------------------------------------------
     @property
@@ -304,9 +298,8 @@ class QuantizedStorage(KVStorage):
     def select(self, keep: torch.Tensor) -> KVStorage:
         """Keep the slots where ``keep`` is True, without re-quantizing anything.
 
-        A few evicted tokens per head (up to :data:`DEFER_SLOTS`, and 1/:data:`DEFER_FRACTION` of the slots) are
-        masked (``valid`` False) rather than dropped; the select that would pass that count drops every masked
-        token at once.
+        A few evicted tokens per head (:func:`kvpress.storage.base.defers_eviction`) are masked (``valid`` False)
+        rather than dropped; the select that would pass that count drops every masked token at once.
 
         Per head the kept slots, in order, are sinks, body tokens, residual tokens. Heads keeping fewer tokens
         than the most-keeping head are padded (slots marked invalid, duplicating the head's last kept sink or
@@ -325,9 +318,8 @@ class QuantizedStorage(KVStorage):
         if (self.valid is None and bool(keep.all())) or (self.valid is not None and torch.equal(keep, self.valid)):
             return self
         dropped = int((~keep if self.valid is None else self.valid & ~keep).sum(-1).max())
-        defer_limit = min(DEFER_SLOTS, keep.shape[-1] // DEFER_FRACTION)
-        if self.masked_slots + dropped <= defer_limit and bool(keep.any(-1).all()):
-            out = copy.copy(self)  # mask now, drop with a later select (DEFER_SLOTS)
+        if defers_eviction(self.masked_slots, dropped, keep):
+            out = copy.copy(self)  # mask now, drop with a later select
             out.valid, out.masked_slots = keep, self.masked_slots + dropped
             return out
         b, h, n = keep.shape

@@ -245,6 +245,22 @@ def storage_from_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -
     return cls.from_state(tensors, meta)
 
 
+# Evicted tokens per head that a select may only mask (held, invalid in views) before one select drops them all:
+# at most DEFER_SLOTS, and at most 1/DEFER_FRACTION of the slots held (masked tokens add at most ~3% to the bytes).
+# A policy evicting a token per decode step (StreamingLLM, H2O, the learned threshold) then pays a gather or
+# rebuild of the layer every 32nd step instead of every step. Used by quantized and ragged storage.
+DEFER_SLOTS = 32
+DEFER_FRACTION = 32
+
+
+def defers_eviction(masked_slots: int, dropped: int, keep: torch.Tensor) -> bool:
+    """Whether a select that drops ``dropped`` more tokens (in the head dropping most) from a storage already
+    masking ``masked_slots`` should only mask them (see :data:`DEFER_SLOTS`): within the limit, and every head keeps
+    a token. ``keep``: ``[batch, kv_heads, slots]`` bool over the storage's slots."""
+    limit = min(DEFER_SLOTS, keep.shape[-1] // DEFER_FRACTION)
+    return masked_slots + dropped <= limit and bool(keep.any(-1).all())
+
+
 def wrapped_state(inner: KVStorage, **meta: Any) -> StorageState:
     """The state of a storage wrapping ``inner`` (a ring, a sink-and-window trim): the inner storage's tensors
     under ``inner.``, its metadata under ``"inner"``, beside the wrapper's own ``meta``."""

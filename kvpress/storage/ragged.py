@@ -17,8 +17,8 @@ into the flat part when it reaches :data:`TAIL_TOKENS` tokens or before an evict
 ``TAIL_TOKENS`` steps). Nothing is held twice and no slack is allocated, so bytes stay exact.
 
 Why evicted tokens may stay a while: a policy that evicts a token or two at every decode step (the learned scorer's
-threshold mode, H2O) would rebuild the layout at every step. A select that drops few tokens (up to
-:data:`DEFER_SLOTS` per head, and 1/:data:`DEFER_FRACTION` of the slots) only marks them in ``masked``
+threshold mode, H2O) would rebuild the layout at every step. A select that drops few tokens
+(:func:`~kvpress.storage.base.defers_eviction`) only marks them in ``masked``
 ``[batch, kv_heads, slots]`` (over the padded view's slots, which appends and folds never renumber); attention and
 policies never see them, ``lengths()`` does not count them, ``nbytes()`` does until the select that passes the
 limit drops every masked token in one rebuild.
@@ -39,14 +39,11 @@ import torch
 from kvpress import kernels
 from typing import Any
 
-from kvpress.storage.base import AttentionView, KVStorage, LazyAttentionView, StorageState
+from kvpress.storage.base import AttentionView, KVStorage, LazyAttentionView, StorageState, defers_eviction
 from kvpress.storage.dense import POSITION_DTYPE, DenseStorage
 
 # Tokens the dense tail holds before it is folded into the flat layout.
 TAIL_TOKENS = 64
-# Evicted tokens a select may only mask before one select drops them all (see the module docstring).
-DEFER_SLOTS = 32
-DEFER_FRACTION = 32
 
 
 class RaggedStorage(KVStorage):
@@ -204,8 +201,7 @@ class RaggedStorage(KVStorage):
         dropped = int((valid & ~keep).sum(-1).max()) if keep.numel() else 0
         if dropped == 0:
             return self
-        limit = min(DEFER_SLOTS, held.shape[-1] // DEFER_FRACTION)
-        if self.masked_slots + dropped <= limit and bool(keep.any(-1).all()):
+        if defers_eviction(self.masked_slots, dropped, keep):
             out = copy.copy(self)  # mask now, drop with a later select
             out.masked, out.masked_slots = held & ~keep, self.masked_slots + dropped
             return out

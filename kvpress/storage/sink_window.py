@@ -37,11 +37,10 @@ class SinkWindowStorage(KVStorage):
         batch, heads, slots = view.shape[:3]
         if slots <= self.n_sink + self.window or heads == 0:
             return
-        device = view.device
-        positions = view.positions if view.positions is not None else torch.arange(slots, device=device)
+        slot = torch.arange(slots, device=view.device)
+        positions = view.positions if view.positions is not None else slot
         if view.valid is None:
-            sinks = torch.arange(slots, device=device) < self.n_sink
-            keep = sinks | (positions >= seen - self.window)
+            keep = (slot < self.n_sink) | (positions >= seen - self.window)
         else:
             rank = view.valid.long().cumsum(-1) - 1
             keep = view.valid & ((rank < self.n_sink) | (positions >= seen - self.window))
