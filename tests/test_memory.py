@@ -1,4 +1,5 @@
-"""kvpress.memory: freed heap pages go back to the OS every RELEASE_EVERY forwards of a patched model."""
+"""kvpress.memory: freed heap pages go back to the OS every RELEASE_EVERY forwards of a patched model; tensors
+rebuilt at ever new sizes come from memory maps of their own and go back whole when freed."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from tiny_models import tiny_model
 import kvpress
 import kvpress.patching
 from kvpress.compat import cache_kwargs
-from kvpress.memory import RELEASE_EVERY, release_freed_memory
+from kvpress.memory import OS_BACKED_MIN_BYTES, RELEASE_EVERY, os_backed_empty, release_freed_memory
 from kvpress.policies import StreamingLLM
 
 
@@ -46,3 +47,29 @@ def test_the_patch_releases_every_release_every_forwards(monkeypatch):
             out = model(out.logits[:, -1:].argmax(-1), **cache_kwargs(model, cache))
     assert len(calls) == 2
     assert RELEASE_EVERY >= 64  # rare enough to cost nothing per step
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_os_backed_tensors_return_their_pages_when_freed():
+    before = _rss()
+    big = os_backed_empty((1024, 16384), torch.float32, "cpu")  # 64 MiB
+    assert big.shape == (1024, 16384) and big.dtype == torch.float32 and big.is_contiguous()
+    big.fill_(2.0)
+    assert _rss() - before > 60 * 2**20
+    assert float(big[-1, -1]) == 2.0
+    del big
+    assert _rss() - before < 4 * 2**20  # no trim needed: the map is gone
+
+
+def test_os_backed_empty_writes_through_out_and_keeps_small_tensors_on_the_heap():
+    source = torch.randn(5000, 64)
+    index = torch.tensor([4999, 0, 17, 17, 2500])
+    out = os_backed_empty((5, 64), source.dtype, "cpu")  # small: an ordinary tensor
+    torch.index_select(source, 0, index, out=out)
+    assert torch.equal(out, source[index])
+    index = torch.randperm(5000, generator=torch.Generator().manual_seed(0))[:4000]
+    out = os_backed_empty((4000, 64), source.dtype, "cpu")
+    assert out.numel() * 4 >= OS_BACKED_MIN_BYTES
+    torch.index_select(source, 0, index, out=out)
+    assert torch.equal(out, source[index])
+    assert os_backed_empty((3, 0), torch.float16, "cpu").shape == (3, 0)

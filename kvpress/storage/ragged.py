@@ -39,11 +39,21 @@ import torch
 from kvpress import kernels
 from typing import Any
 
+from kvpress.memory import os_backed_empty
 from kvpress.storage.base import AttentionView, KVStorage, LazyAttentionView, StorageState, defers_eviction
 from kvpress.storage.dense import POSITION_DTYPE, DenseStorage
 
 # Tokens the dense tail holds before it is folded into the flat layout.
 TAIL_TOKENS = 64
+
+
+def _take_rows(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``source[index]`` along the first (token) axis, in memory freed whole when dropped (a layer rebuilt at
+    a new size at every eviction would otherwise leave the heap fragmented: :mod:`kvpress.memory`)."""
+    if source.requires_grad and torch.is_grad_enabled():  # out= does not differentiate
+        return source.index_select(0, index)
+    out = os_backed_empty((index.numel(), *source.shape[1:]), source.dtype, source.device)
+    return torch.index_select(source, 0, index, out=out)
 
 
 class RaggedStorage(KVStorage):
@@ -180,9 +190,9 @@ class RaggedStorage(KVStorage):
         new_dest = ((new_starts + old_lengths).unsqueeze(-1) + torch.arange(new, device=device)).flatten()
 
         total = self.keys.shape[0] + n_segments * new
-        out_k = self.keys.new_empty(total, dim)
-        out_v = self.values.new_empty(total, dim)
-        out_p = self.positions.new_empty(total)
+        out_k = os_backed_empty((total, dim), self.keys.dtype, device)
+        out_v = os_backed_empty((total, dim), self.values.dtype, device)
+        out_p = os_backed_empty((total,), self.positions.dtype, device)
         out_k[old_dest] = self.keys
         out_v[old_dest] = self.values
         out_p[old_dest] = self.positions
@@ -206,9 +216,10 @@ class RaggedStorage(KVStorage):
             out.masked, out.masked_slots = held & ~keep, self.masked_slots + dropped
             return out
         self.fold_tail()  # the padded view's slots are the same before and after folding
-        flat_keep = keep[held]
+        flat_index = keep[held].nonzero().squeeze(1)
         lengths = keep.sum(dim=-1).to(torch.long)
-        keys, values, positions = self.keys[flat_keep], self.values[flat_keep], self.positions[flat_keep]
+        keys, values = _take_rows(self.keys, flat_index), _take_rows(self.values, flat_index)
+        positions = _take_rows(self.positions, flat_index)
         if bool((lengths == lengths.flatten()[0]).all()):
             batch, heads = lengths.shape
             n = int(lengths.flatten()[0])
