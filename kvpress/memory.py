@@ -55,7 +55,8 @@ def release_freed_memory() -> bool:
 def os_backed_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """An uninitialised tensor of ``shape``; on CPU and from :data:`OS_BACKED_MIN_BYTES` up, backed by an anonymous
     memory map of its own, returned to the operating system whole when the tensor is freed (elsewhere
-    ``torch.empty``). Its storage cannot be resized: write into it (``out=``, slicing), never ``resize_`` it."""
+    ``torch.empty``). A map takes whole pages (under 4 KiB more than the tensor on Linux/x86). Its storage cannot
+    be resized: write into it (``out=``, slicing), never ``resize_`` it."""
     device = torch.device(device)
     numel = math.prod(shape)
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
