@@ -59,7 +59,7 @@ def os_backed_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
     be resized: write into it (``out=``, slicing), never ``resize_`` it."""
     device = torch.device(device)
     numel = math.prod(shape)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     if device.type != "cpu" or nbytes < OS_BACKED_MIN_BYTES:
         return torch.empty(shape, dtype=dtype, device=device)
     # torch.frombuffer keeps the map alive for as long as the tensor's storage; its deallocation unmaps it.
